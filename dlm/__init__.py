@@ -1,0 +1,3 @@
+"""dlm: one authored document in, one fine-tuned adapter out."""
+
+__version__ = "0.1.0"

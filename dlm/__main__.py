@@ -1,0 +1,5 @@
+"""`python -m dlm` runs the command-line app."""
+
+from dlm.cli import main
+
+main()

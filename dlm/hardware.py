@@ -1,0 +1,147 @@
+"""What the machine can do, probed once into a frozen, JSON-round-trippable value.
+
+The planner never probes: it takes a `HardwareFacts`. Every machine the planner is tested on is a
+JSON fixture (`tests/fixtures/hardware/*.json`). `probe()` imports torch inside itself, so importing
+this module stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Device = Literal["cpu", "cuda", "mps"]
+
+
+@dataclass(frozen=True)
+class HardwareFacts:
+    device: Device
+    name: str
+    memory_bytes: int  # device memory (GPU) or system RAM (CPU / MPS unified memory)
+    cores: int
+    compute_capability: tuple[int, int] | None = None  # CUDA only, e.g. (8, 0)
+    device_count: int = 1
+    native_bf16: bool = False  # CPU: AMX or AVX512-BF16 flags; GPU: compute capability >= 8.0
+    bitsandbytes: bool = False  # a bitsandbytes that runs 4-bit on this device is importable
+    cpu_flags: tuple[str, ...] = field(default_factory=tuple)  # only the flags the planner reads
+    torch_version: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["compute_capability"] = list(self.compute_capability) if self.compute_capability else None
+        data["cpu_flags"] = list(self.cpu_flags)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HardwareFacts:
+        data = dict(data)
+        cc = data.get("compute_capability")
+        data["compute_capability"] = tuple(cc) if cc else None
+        data["cpu_flags"] = tuple(data.get("cpu_flags") or ())
+        return cls(**data)
+
+
+def load_fixture(path: str | Path) -> HardwareFacts:
+    return HardwareFacts.from_json(json.loads(Path(path).read_text()))
+
+
+_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def _cpu_flags() -> tuple[str, ...]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return tuple(f for f in (*_BF16_CPU_FLAGS, "avx512f", "avx2") if f in flags)
+    return ()
+
+
+def _system_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _bitsandbytes_ok() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("bitsandbytes") is not None
+
+
+def probe() -> HardwareFacts:
+    """Ask torch what this machine has. Imports torch (seconds); call once per process."""
+    import torch
+
+    cores = _cores()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        cc = (props.major, props.minor)
+        return HardwareFacts(
+            device="cuda",
+            name=props.name,
+            memory_bytes=int(props.total_memory),
+            cores=cores,
+            compute_capability=cc,
+            device_count=torch.cuda.device_count(),
+            native_bf16=cc >= (8, 0),
+            bitsandbytes=_bitsandbytes_ok(),
+            torch_version=torch.__version__,
+        )
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return HardwareFacts(
+            device="mps",
+            name=f"Apple {platform.machine()}",
+            memory_bytes=_system_memory(),
+            cores=cores,
+            native_bf16=True,
+            bitsandbytes=False,
+            torch_version=torch.__version__,
+        )
+    flags = _cpu_flags()
+    return HardwareFacts(
+        device="cpu",
+        name=platform.processor() or platform.machine(),
+        memory_bytes=_system_memory(),
+        cores=cores,
+        native_bf16=any(f in flags for f in _BF16_CPU_FLAGS),
+        bitsandbytes=_bitsandbytes_ok(),
+        cpu_flags=flags,
+        torch_version=torch.__version__,
+    )
+
+
+def probe_light() -> HardwareFacts:
+    """The CPU facts without importing torch: what `dlm doctor` uses when no GPU library is loaded.
+
+    A CUDA machine is recognised by its driver files; the exact card needs `probe()`.
+    """
+    flags = _cpu_flags()
+    return HardwareFacts(
+        device="cpu",
+        name=platform.processor() or platform.machine(),
+        memory_bytes=_system_memory(),
+        cores=_cores(),
+        native_bf16=any(f in flags for f in _BF16_CPU_FLAGS),
+        bitsandbytes=_bitsandbytes_ok(),
+        cpu_flags=flags,
+    )
+
+
+def cuda_driver_present() -> bool:
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
