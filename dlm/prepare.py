@@ -1,0 +1,69 @@
+"""From a document's path to everything a command needs: doc, spec, base facts, examples, plan.
+
+This is the glue between the pure modules (doc -> schema -> corpus -> plan) and the commands, so
+`doctor`, `train`, `prompt` and `compare` all see one and the same plan. It reads files and configs
+but never loads weights or imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dlm import bases, corpus
+from dlm.bases import BaseFacts
+from dlm.corpus import CorpusStats, Example
+from dlm.doc import Doc, read_doc
+from dlm.errors import DlmError
+from dlm.hardware import HardwareFacts
+from dlm.plan import Plan, make_plan
+from dlm.schema import Spec, parse_spec
+
+
+@dataclass(frozen=True)
+class Prepared:
+    doc: Doc
+    spec: Spec
+    base: BaseFacts
+    train: tuple[Example, ...]
+    heldout: tuple[Example, ...]
+    corpus: CorpusStats
+    hardware: HardwareFacts
+    plan: Plan
+
+
+def load_spec(path: str | Path) -> tuple[Doc, Spec]:
+    doc = read_doc(path)
+    return doc, parse_spec(doc.frontmatter, doc.positions, doc.path)
+
+
+def prepare(
+    path: str | Path,
+    hardware: HardwareFacts,
+    *,
+    world_size: int = 1,
+    max_steps: int | None = None,
+    purpose: str = "train",
+) -> Prepared:
+    """Parse, validate, resolve the base, split the corpus and plan. Raises DlmError on bad input."""
+    doc, spec = load_spec(path)
+    if max_steps is not None:
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"max_steps": max_steps})})
+    try:
+        base = bases.resolve(spec.base_model, Path(doc.path).parent)
+    except DlmError as exc:
+        if exc.line is None:  # point at the document's base_model key, not at nothing
+            line, col = doc.positions.get(("base_model",), (1, 1))
+            raise DlmError(exc.message, exc.hint, doc.path, line, col) from None
+        raise
+    examples = corpus.examples(doc, spec.system_prompt)
+    train, heldout = corpus.split(examples, spec.training.seed, spec.training.eval_fraction)
+    if not train:
+        raise DlmError(
+            "the document has no training examples",
+            "write prose below the frontmatter, or an ::instruction:: section with ### Q / ### A pairs",
+            doc.path, doc.body_line, 1,
+        )
+    stats = corpus.stats(train, heldout)
+    plan = make_plan(spec, hardware, base, stats, world_size=world_size, purpose=purpose)
+    return Prepared(doc, spec, base, train, heldout, stats, hardware, plan)
