@@ -104,7 +104,7 @@ def _insert(lines: list[str], doc: Doc, keys: tuple[str, ...], value: Any) -> li
     if doc.path.endswith((".yaml", ".yml")):
         end = len(lines) if lines[-1] != "" else len(lines) - 1
     else:
-        end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
+        end = doc.body_line - 2  # index of the closing `---` line, as doc.py found it
     if len(keys) == 1:
         return lines[:end] + [f"{keys[0]}: {_scalar(value)}"] + lines[end:]
     parent = keys[:-1]

@@ -83,8 +83,7 @@ def make_twin(file: Path, sets: list[str], output: Path | None) -> Path:
     overrides = [parse_override(s) for s in sets]
     if any(keys == ("dlm_id",) for keys, _ in overrides):
         raise DlmError("--set dlm_id is not allowed: a twin always gets a fresh id", "drop that --set")
-    raw = file.read_bytes().decode("utf-8").removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    text = twin(raw, doc, new_id(), overrides)
+    text = twin(doc.text, doc, new_id(), overrides)
     if output is None:
         label = "-".join(str(v) for _, v in overrides) or "twin"
         output = file.with_name(f"{file.stem}-{label}{file.suffix}")

@@ -44,12 +44,12 @@ class _Frozen(BaseModel):
 class Training(_Frozen):
     """`training:` — every knob of the run. Defaults follow PEFT / axolotl / mlx-lm (see docs/format.md)."""
 
-    adapter: Adapter = Field("lora", description="lora | qlora (4-bit base) | dora")
+    adapter: Adapter = Field("lora", description="the adapter; qlora also loads the base in 4-bit")
     lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
-        "auto", description="auto (attention projections) | all-linear | list of module names"
+        "auto", description="the linear layers that get an adapter; auto = attention projections"
     )
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
     optimizer: Optimizer = "adamw_torch"
@@ -203,18 +203,35 @@ def _message(err: dict[str, Any], key: str) -> tuple[str, str]:
         return f"unknown key '{key}'", ""
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
+    if key == "dlm_version":
+        return f"'{key}': {msg}", _hint_for(key)
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
     return f"'{key}': {msg} (got {shown})", _hint_for(key)
 
 
+def _describe(ann: Any) -> str:
+    """A type annotation in words: `Literal['auto'] | int` -> "'auto' or an integer"."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is list:
+        return "a list of " + ("names" if args and args[0] is str else "values")
+    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(ann, str(ann))
+
+
 def _hint_for(key: str) -> str:
     field = Training.model_fields.get(key) or Spec.model_fields.get(key)
+    if key == "dlm_version":
+        return "this file was written by a newer dlm: upgrade dlm (pip install -U dlm)"
     if field is None:
         return "see docs/format.md"
-    ann = field.annotation
-    text = str(ann).replace("typing.", "").replace("Literal", "one of ")
-    desc = f" — {field.description}" if field.description else ""
-    return f"expected {text}{desc}; see docs/format.md"
+    desc = f" ({field.description})" if field.description else ""
+    return f"expected {_describe(field.annotation)}{desc}; see docs/format.md"
 
 
 def parse_spec(
@@ -230,11 +247,14 @@ def parse_spec(
         return Spec.model_validate(dict(mapping))
     except ValidationError as exc:
         errors: list[DlmError] = []
+        raw = [(_clean_loc(tuple(e["loc"])), e) for e in exc.errors()]
+        # A union reports each member it tried; when one member got as far as a list item, that
+        # item's error is the real one, and the key-level "not 'auto'" noise is dropped.
+        deepest = {loc for loc, _ in raw}
         seen: set[tuple] = set()
-        for err in exc.errors():
-            loc = _clean_loc(tuple(err["loc"]))
-            if loc in seen:
-                continue  # a union reports each member; one line per key is enough
+        for loc, err in raw:
+            if loc in seen or any(len(o) > len(loc) and o[: len(loc)] == loc and isinstance(o[len(loc)], int) for o in deepest):
+                continue
             seen.add(loc)
             key = str(next((p for p in reversed(loc) if isinstance(p, str)), "frontmatter"))
             message, hint = _message(err, key)

@@ -1,0 +1,7 @@
+---
+dlm_id: my-first-doc
+---
+# Title
+
+Some prose about the topic.
+

@@ -1,0 +1,6 @@
+---
+ignored: frontmatter
+---
+::instruction::
+### Q
+No answer follows.

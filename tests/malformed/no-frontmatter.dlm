@@ -1,0 +1,4 @@
+# Title
+
+Some prose about the topic.
+

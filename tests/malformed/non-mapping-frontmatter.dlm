@@ -1,0 +1,8 @@
+---
+- dlm_id
+- base_model
+---
+# Title
+
+Some prose about the topic.
+
