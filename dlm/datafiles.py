@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dlm.doc import QA, Doc, Section, check_text, line_col, normalise, parse_doc
+from dlm.doc import QA, Doc, Section, join_surrogates, check_text, line_col, normalise, parse_doc
 from dlm.errors import DlmError
 
 MAX_DATA_BYTES = 256 * 2**20  # per data file; every file is read whole (for its hash) before training
@@ -23,6 +23,7 @@ SUFFIXES = (".jsonl", ".md", ".txt", ".dlm")
 ROLES = ("system", "user", "assistant")
 _ROW_KEYS = ("text", "prompt", "completion", "messages", "heldout")
 _SHAPES = ({"text"}, {"prompt", "completion"}, {"messages"})
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 ROW_HINT = 'each row is one JSON object: {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}'
 
 
@@ -49,8 +50,8 @@ def read_bytes(path: Path, shown: str, limit: int) -> bytes:
         raise DlmError("is a folder, not a file", "name a .dlm document or a .yaml spec", shown) from None
     except OSError as exc:
         raise DlmError(f"cannot read the file: {exc.strerror or exc}", "check its permissions", shown) from None
-    if len(raw) > limit:
-        raise DlmError(f"the file is larger than {limit // 2**20} MiB", "see the size limits in docs/format.md", shown)
+    if len(raw) > limit:  # at 1:1, so the message keeps the `path:line:col:` shape of every bad-input error
+        raise DlmError(f"the file is larger than {limit // 2**20} MiB", "see the size limits in docs/format.md", shown, 1, 1)
     return raw
 
 
@@ -86,17 +87,23 @@ def _locate(doc: Doc, i: int, item: str) -> tuple[Path, str]:
         raise refuse(f"absolute data path {item!r} is refused", inside)
     folder = Path(doc.path).parent
     target = folder / item
+    # OSError/ValueError too (found by tests/test_fuzz.py): a name longer than the file system allows
+    # made exists() raise ENAMETOOLONG, and a string the OS cannot encode raised ValueError.
     try:
         root, resolved = folder.resolve(), target.resolve()
-    except (OSError, RuntimeError) as exc:  # a symlink loop
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop
         raise refuse(f"cannot resolve data path {item!r}: {exc}", inside) from None
     if not resolved.is_relative_to(root):
         raise refuse(f"data path {item!r} leads outside the document's folder (to {resolved})", inside)
     if target.suffix.lower() not in SUFFIXES:
         raise refuse(f"unsupported data file type {target.suffix or '(none)'!r}", "data files are .jsonl, .md, .txt or .dlm")
-    if not target.exists():
+    try:
+        exists, is_file = target.exists(), target.is_file()
+    except (OSError, ValueError) as exc:
+        raise refuse(f"cannot use data path {item!r}: {getattr(exc, 'strerror', None) or exc}", inside) from None
+    if not exists:
         raise refuse(f"data file not found: {item}", f"looked for {resolved}; {inside.split(';')[0]}")
-    if not target.is_file():
+    if not is_file:
         raise refuse(f"data path {item!r} is not a file", "name a .jsonl, .md, .txt or .dlm file")
     return target, str(target)
 
@@ -119,13 +126,35 @@ def _jsonl(text: str, shown: str) -> list[Section]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_object)
         except json.JSONDecodeError as exc:
             raise DlmError(f"malformed JSON: {exc.msg}", ROW_HINT, shown, n, exc.colno) from None
-        except (ValueError, RecursionError) as exc:  # a huge integer, absurd nesting
-            raise DlmError(f"unreadable JSON row: {exc}", ROW_HINT, shown, n, 1) from None
+        except _DuplicateKey as exc:
+            first = line.find(json.dumps(exc.key))
+            col = line.find(json.dumps(exc.key), first + 1) + 1 if first >= 0 else 0
+            raise DlmError(f"duplicate key {exc.key!r} in the row", "remove one of them; JSON readers silently keep the last",
+                           shown, n, col or _first(line)) from None
+        except RecursionError:  # absurd nesting
+            raise DlmError("unreadable JSON row: nested too deeply", ROW_HINT, shown, n, _first(line)) from None
+        except ValueError:  # the only other one: an integer past Python's 4300-digit conversion limit
+            raise DlmError("unreadable JSON row: a number with too many digits", ROW_HINT, shown, n, _first(line)) from None
         sections.append(_row(row, line, shown, n))
     return sections
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: refuse a repeated key, as the YAML reader does (json keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _row(row: Any, line: str, shown: str, n: int) -> Section:
@@ -134,7 +163,7 @@ def _row(row: Any, line: str, shown: str, n: int) -> Section:
         return DlmError(message, hint, shown, n, col or _first(line))
 
     if not isinstance(row, dict):
-        raise fail(f"the row is a JSON {type(row).__name__}, not an object")
+        raise fail(f"the row is a JSON {_JSON_TYPES.get(type(row), type(row).__name__)}, not an object")
     for key in row:
         if key not in _ROW_KEYS:
             close = difflib.get_close_matches(key, _ROW_KEYS, 1, 0.6)
@@ -152,10 +181,16 @@ def _row(row: Any, line: str, shown: str, n: int) -> Section:
 
     def text(key: str, value: Any, where: str) -> str:
         if not isinstance(value, str):
-            raise fail(f"{where} must be a string (got {type(value).__name__})", key)
+            raise fail(f"{where} must be a string (got {_JSON_TYPES.get(type(value), type(value).__name__)})", key)
         if not value.strip():
             raise fail(f"{where} is empty", key, "write the text, or drop the row")
-        return value
+        # Found by tests/test_fuzz.py: "\ud800" is valid JSON but a lone surrogate is not text; it
+        # crashed later (example ids hash the UTF-8 bytes) with UnicodeEncodeError. Pairs are joined.
+        joined = join_surrogates(value)
+        if joined is None:
+            raise fail(f"{where} has a \\u escape that is half of a UTF-16 surrogate pair", key,
+                       "escape a character outside the BMP as a pair (\\ud83d\\ude00), or write it as UTF-8")
+        return joined
 
     if "text" in keys:
         return Section("prose", shown, n, heldout, text=text("text", row["text"], "'text'"))
@@ -181,7 +216,8 @@ def _messages(messages: Any, shown: str, n: int, heldout: bool, fail: Any, text:
     for j, (role, _) in enumerate(turns):
         expected = "user" if j % 2 == 0 else "assistant"
         if role != expected:
-            raise fail(f"messages[{j + offset}] is a {role} message where a {expected} message belongs", "messages", hint)
+            article = "an" if expected == "assistant" else "a"
+            raise fail(f"messages[{j + offset}] is a {role} message where {article} {expected} message belongs", "messages", hint)
     if not turns or len(turns) % 2:
         raise fail("the conversation does not end with an assistant reply", "messages", hint)
     pairs = tuple(QA(turns[k][1], turns[k + 1][1], n) for k in range(0, len(turns), 2))

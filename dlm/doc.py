@@ -251,11 +251,35 @@ class _Yaml:
 
     def scalar(self, node: yaml.ScalarNode) -> Any:
         try:
-            return self.scalars.construct_object(node)
+            value = self.scalars.construct_object(node)
         except yaml.YAMLError as exc:  # an unknown tag such as !!python/object
             raise self.from_yaml_error(exc) from None
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date like 2001-13-45
             raise self.error(f"cannot read the value {node.value!r}: {exc}", "quote it to keep it as text", node.start_mark) from None
+        # Found by tests/test_fuzz.py: a double-quoted "\ud800" escape builds a lone surrogate, which
+        # check_text never sees (the file itself is valid UTF-8) and which crashed later, in hashing,
+        # path handling or printing, with UnicodeEncodeError. PyYAML also leaves a JSON-style pair
+        # "\ud83d\ude00" as two halves: join pairs into their character, refuse a lone half here.
+        if isinstance(value, str):
+            value = join_surrogates(value)
+            if value is None:
+                raise self.error("a \\u escape in this value is half of a UTF-16 surrogate pair, which is not text",
+                                 "write the character itself, or escape it whole (\\U0001F600 or the pair \\ud83d\\ude00)",
+                                 node.start_mark)
+        return value
+
+
+def join_surrogates(text: str) -> str | None:
+    """`text` with surrogate pairs joined into their character; None if a lone surrogate is left."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:
+        return None
 
 
 def read_yaml(src: str, path: str, first_line: int = 1) -> tuple[dict[str, Any], dict[tuple, Position]]:

@@ -38,7 +38,9 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False (found by tests/test_fuzz.py): YAML's .inf / .nan passed every `ge`/`gt`-only
+    # bound, so `weight_decay: .inf` or `galore_scale: .inf` was accepted and reached the trainer.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Training(_Frozen):

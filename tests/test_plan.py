@@ -1,0 +1,515 @@
+"""The planner, table-driven: (spec x hardware fixture x base x corpus) -> decisions and finding codes.
+
+Unit tier: no torch (the binding tests at the end are `integration` and import the libraries inside).
+Every finding code has a case that triggers it and a near miss that does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import FIXTURES
+from dlm import bases
+from dlm.corpus import CorpusStats
+from dlm.hardware import HardwareFacts, load_fixture
+from dlm.plan import Plan, make_plan, memory_budget
+from dlm.schema import parse_spec
+
+ID = "01KAV3J8ZP4N6Q2R7S9T0W1X2Y"
+HW_DIR = FIXTURES / "hardware"
+MACHINES = ("cpu", "t4", "a100-40g", "h100", "mps")
+GIB = 2**30
+
+
+def hw(name: str) -> HardwareFacts:
+    if name == "cpu-bf16":  # a CPU with native bf16 (AMX / AVX512-BF16)
+        base = load_fixture(HW_DIR / "cpu.json")
+        return dataclasses.replace(base, native_bf16=True, cpu_flags=("avx512_bf16", "avx512f", "avx2"))
+    return load_fixture(HW_DIR / f"{name}.json")
+
+
+def corpus(n_train: int = 40, n_heldout: int = 4, mean: int = 60, longest: int = 120) -> CorpusStats:
+    return CorpusStats(n_train=n_train, n_heldout=n_heldout, train_tokens=n_train * mean, max_tokens=longest,
+                       n_prose=n_train // 4, n_instruction=n_train - n_train // 4)
+
+
+def plan(machine: str = "cpu", base: str = "smollm2-135m", stats: CorpusStats | None = None, *,
+         world_size: int = 1, purpose: str = "train", top: dict | None = None, **training: Any) -> Plan:
+    spec = parse_spec({"dlm_id": ID, "base_model": base, **(top or {}), "training": training})
+    return make_plan(spec, hw(machine), bases.resolve(base), stats or corpus(), world_size=world_size,
+                     purpose=purpose)
+
+
+def codes(p: Plan) -> set[str]:
+    return {f.code for f in p.findings}
+
+
+# --- the fixtures themselves -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MACHINES)
+def test_fixture_round_trips(name: str) -> None:
+    data = json.loads((HW_DIR / f"{name}.json").read_text())
+    assert HardwareFacts.from_json(data).to_json() == data
+
+
+def test_fixtures_say_what_the_brief_says() -> None:
+    cpu, t4, a100, h100, mps = (hw(n) for n in MACHINES)
+    assert (cpu.cores, cpu.memory_bytes, cpu.native_bf16, cpu.bitsandbytes) == (2, 24 * GIB, False, True)
+    assert "avx512f" in cpu.cpu_flags and not {"amx_bf16", "avx512_bf16"} & set(cpu.cpu_flags)
+    assert t4.compute_capability == (7, 5) and not t4.native_bf16 and t4.memory_bytes == 15 * GIB
+    assert a100.compute_capability == (8, 0) and h100.compute_capability == (9, 0)
+    assert h100.memory_bytes > 79 * GIB
+    assert mps.device == "mps" and mps.memory_bytes == 32 * GIB and not mps.bitsandbytes
+
+
+# --- findings: each code, a trigger and a near miss --------------------------------------------
+
+# (code, trigger kwargs, near-miss kwargs); kwargs go to plan().
+FINDING_CASES: list[tuple[str, dict, dict]] = [
+    ("dora-with-dropout", dict(adapter="dora", lora_dropout=0.05), dict(adapter="dora", lora_dropout=0.0)),
+    ("dora-high-rank", dict(adapter="dora", lora_r=32), dict(adapter="dora", lora_r=16)),
+    ("dora-short-run", dict(adapter="dora", max_steps=499), dict(adapter="dora", max_steps=500)),
+    ("dora-small-batch", dict(adapter="dora", micro_batch_size=1), dict(adapter="dora", micro_batch_size=2)),
+    ("dora-unmerged-inference", dict(adapter="dora", purpose="prompt"), dict(adapter="dora", purpose="train")),
+    ("dora-unmerged-inference", dict(adapter="dora", purpose="prompt"), dict(adapter="lora", purpose="prompt")),
+    ("galore-small-base", dict(optimizer="galore_adamw", machine="a100-40g"),
+     dict(optimizer="galore_adamw", machine="a100-40g", base="llama-3.2-1b")),
+    ("galore-with-adapter", dict(optimizer="galore_adamw"), dict(optimizer="adamw_torch")),
+    ("galore-layerwise-accum", dict(optimizer="galore_adamw_layerwise", grad_accum=2),
+     dict(optimizer="galore_adamw_layerwise")),
+    ("galore-layerwise-accum", dict(optimizer="galore_adamw_layerwise", machine="h100", world_size=2),
+     dict(optimizer="galore_adamw_layerwise", machine="h100", world_size=1)),
+    ("qlora-needs-bitsandbytes", dict(adapter="qlora", machine="mps"), dict(adapter="qlora", machine="cpu")),
+    ("optimizer-needs-bitsandbytes", dict(optimizer="adamw_8bit", machine="mps"),
+     dict(optimizer="adamw_8bit", machine="cpu")),
+    ("qlora-slow-on-cpu", dict(adapter="qlora", machine="cpu"), dict(adapter="qlora", machine="t4")),
+    ("bf16-unsupported", dict(precision="bf16", machine="t4"), dict(precision="bf16", machine="a100-40g")),
+    ("bf16-emulated-cpu", dict(precision="bf16", machine="cpu"), dict(precision="bf16", machine="cpu-bf16")),
+    ("fp16-on-cpu", dict(precision="fp16", machine="cpu"), dict(precision="fp16", machine="t4")),
+    ("target-module-missing", dict(target_modules=["q_proj", "foo_proj"]),
+     dict(target_modules=["q_proj", "self_attn.v_proj", "down_proj"])),
+    ("seq-len-clipped", dict(sequence_len=16384), dict(sequence_len=8192)),
+    ("lora-lr-low", dict(learning_rate=2e-5), dict(learning_rate=3e-5)),
+    ("memory-over-budget", dict(base="llama-3.1-8b", machine="t4"),
+     dict(base="llama-3.1-8b", machine="t4", adapter="qlora")),
+    ("few-steps", dict(max_steps=19), dict(max_steps=20)),
+    ("no-heldout", dict(stats=corpus(n_heldout=0)), dict(stats=corpus(n_heldout=1))),
+    ("base-demo-only", dict(base="smollm2-135m"), dict(base="qwen2.5-0.5b")),
+    ("trust-remote-code", dict(top={"trust_remote_code": True}), dict(top={"trust_remote_code": False})),
+]
+LEVELS = {
+    "dora-with-dropout": "warn", "dora-high-rank": "info", "dora-short-run": "info", "dora-small-batch": "info",
+    "dora-unmerged-inference": "info", "galore-small-base": "warn", "galore-with-adapter": "info",
+    "galore-layerwise-accum": "block", "qlora-needs-bitsandbytes": "block", "qlora-slow-on-cpu": "info",
+    "bf16-unsupported": "block", "bf16-emulated-cpu": "warn", "target-module-missing": "block",
+    "seq-len-clipped": "info", "lora-lr-low": "warn", "memory-over-budget": "block", "few-steps": "warn",
+    "no-heldout": "info", "base-demo-only": "info", "trust-remote-code": "warn",
+    "optimizer-needs-bitsandbytes": "block", "fp16-on-cpu": "warn",
+}
+
+
+def _run(kwargs: dict) -> Plan:
+    kwargs = dict(kwargs)
+    machine = kwargs.pop("machine", "cpu")
+    base = kwargs.pop("base", "smollm2-135m")
+    return plan(machine, base, kwargs.pop("stats", None), world_size=kwargs.pop("world_size", 1),
+                purpose=kwargs.pop("purpose", "train"), top=kwargs.pop("top", None), **kwargs)
+
+
+@pytest.mark.parametrize(("code", "trigger", "near_miss"), FINDING_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(FINDING_CASES)])
+def test_finding_fires_and_near_miss_does_not(code: str, trigger: dict, near_miss: dict) -> None:
+    hit = _run(trigger)
+    found = [f for f in hit.findings if f.code == code]
+    assert found, f"{code} did not fire: {codes(hit)}"
+    f = found[0]
+    assert f.level == LEVELS[code]
+    assert f.message and f.hint and f.evidence, f
+    assert code not in codes(_run(near_miss))
+    if f.level == "info":
+        assert code not in hit.reason
+    else:
+        assert f"{code}(" in hit.reason or code in hit.reason
+
+
+def test_every_documented_code_has_a_case() -> None:
+    spec_table = {  # SPEC.md section 3, plus the planner's own additions
+        "dora-with-dropout", "dora-high-rank", "dora-short-run", "dora-small-batch", "dora-unmerged-inference",
+        "galore-small-base", "galore-with-adapter", "galore-layerwise-accum", "qlora-needs-bitsandbytes",
+        "qlora-slow-on-cpu", "bf16-unsupported", "bf16-emulated-cpu", "target-module-missing", "seq-len-clipped",
+        "lora-lr-low", "memory-over-budget", "few-steps", "no-heldout", "base-demo-only", "trust-remote-code",
+    }
+    assert spec_table <= {c[0] for c in FINDING_CASES} == set(LEVELS)
+    doctor = (Path(__file__).resolve().parent.parent / "docs" / "doctor.md").read_text()
+    for code in LEVELS:
+        assert f"`{code}`" in doctor, f"{code} is not documented in docs/doctor.md"
+
+
+def test_evidence_numbers() -> None:
+    p = plan("a100-40g", optimizer="galore_adamw", adapter="dora", lora_dropout=0.05)
+    by = {f.code: f for f in p.findings}
+    assert by["galore-small-base"].tag == "135M<1B"
+    assert by["galore-small-base"].evidence["n_params"] == bases.resolve("smollm2-135m").n_params
+    assert by["dora-with-dropout"].evidence == {"lora_dropout": 0.05}
+    over = plan("t4", "llama-3.1-8b")
+    f = next(f for f in over.findings if f.code == "memory-over-budget")
+    assert f.evidence["peak_memory_bytes"] > f.evidence["memory_budget_bytes"] == 15 * GIB
+    assert "adapter: qlora" in f.hint
+    bad = plan(target_modules=["q_proj", "foo_proj"])
+    missing = next(f for f in bad.findings if f.code == "target-module-missing")
+    assert missing.evidence["missing"] == ["foo_proj"]
+
+
+def test_findings_are_ordered_block_warn_info() -> None:
+    p = plan("t4", "llama-3.1-8b", adapter="dora", lora_dropout=0.1, precision="bf16")
+    order = {"block": 0, "warn": 1, "info": 2}
+    assert [order[f.level] for f in p.findings] == sorted(order[f.level] for f in p.findings)
+    assert p.blocked
+
+
+# --- the reason line ---------------------------------------------------------------------------
+
+
+def test_reason_line_matches_the_spec_example() -> None:
+    p = plan("a100-40g", adapter="dora", optimizer="galore_adamw", lora_dropout=0.05, max_steps=600)
+    assert p.reason == ("reason: precision=bf16, attn=sdpa, qlora=off, adapter=dora, optim=galore_adamw, "
+                        "warn=galore-small-base(135M<1B),dora-with-dropout(0.05)")
+
+
+def test_reason_line_on_the_cpu_fixture() -> None:
+    p = plan("cpu", adapter="dora", lora_dropout=0.05)
+    assert p.reason == ("reason: precision=fp32, attn=sdpa, qlora=off, adapter=dora, optim=adamw_torch, "
+                        "warn=dora-with-dropout(0.05),few-steps(15<20)")
+
+
+def test_reason_line_lists_blocks_before_warnings_and_no_infos() -> None:
+    p = plan("t4", "llama-3.1-8b", learning_rate=1e-5, max_steps=100)
+    expected = (r"reason: precision=fp16, attn=sdpa, qlora=off, adapter=lora, optim=adamw_torch, "
+                r"block=memory-over-budget\(\d+\.\dGiB>15\.0GiB\), warn=lora-lr-low\(1e-05\)")
+    assert re.fullmatch(expected, p.reason), p.reason
+    clean = plan("a100-40g", "qwen2.5-0.5b", max_steps=100)
+    assert clean.reason == "reason: precision=bf16, attn=sdpa, qlora=off, adapter=lora, optim=adamw_torch"
+
+
+# --- decisions ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("machine", "precision", "dtype", "flags"), [
+    ("cpu", "fp32", "float32", (False, False)),
+    ("cpu-bf16", "bf16", "bfloat16", (True, False)),
+    ("t4", "fp16", "float16", (False, True)),
+    ("a100-40g", "bf16", "bfloat16", (True, False)),
+    ("h100", "bf16", "bfloat16", (True, False)),
+    ("mps", "fp32", "float32", (False, False)),
+])
+def test_auto_precision(machine: str, precision: str, dtype: str, flags: tuple[bool, bool]) -> None:
+    p = plan(machine)
+    assert p.decision("precision") == precision
+    assert p.model_kwargs["dtype"] == dtype
+    assert (p.sft_kwargs["bf16"], p.sft_kwargs["fp16"]) == flags
+    assert p.sft_kwargs["use_cpu"] is machine.startswith("cpu")
+    assert p.decision("attention") == p.model_kwargs["attn_implementation"] == "sdpa"
+
+
+def test_t4_precision_comes_from_compute_capability_not_the_bf16_flag() -> None:
+    # Even if a probe claimed bf16 (torch can say yes through emulation), cc 7.5 means fp16.
+    t4 = dataclasses.replace(hw("t4"), native_bf16=True)
+    spec = parse_spec({"dlm_id": ID, "training": {}})
+    assert make_plan(spec, t4, bases.resolve("smollm2-135m"), corpus()).decision("precision") == "fp16"
+
+
+@pytest.mark.parametrize("choice", ["fp32", "fp16", "bf16"])
+def test_explicit_precision_is_honoured(choice: str) -> None:
+    assert plan("a100-40g", precision=choice).decision("precision") == choice
+
+
+def test_qlora_decision_and_quantization_kwargs() -> None:
+    p = plan("a100-40g", "llama-3.1-8b", adapter="qlora")
+    assert p.decision("qlora") == "on"
+    assert p.model_kwargs["quantization"] == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                              "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    assert plan("t4", adapter="qlora").model_kwargs["quantization"]["bnb_4bit_compute_dtype"] == "float16"
+    off = plan("a100-40g", "llama-3.1-8b")
+    assert off.decision("qlora") == "off" and off.model_kwargs["quantization"] is None
+    assert p.estimates.memory_breakdown["weights"] < off.estimates.memory_breakdown["weights"] / 1.8
+
+
+def test_micro_batch_and_accumulation_on_the_cpu() -> None:
+    p = plan("cpu")  # 40 rows
+    assert (p.decision("micro_batch_size"), p.decision("grad_accum"), p.decision("effective_batch")) == (4, 2, 8)
+    assert p.sft_kwargs["per_device_train_batch_size"] == 4 and p.sft_kwargs["gradient_accumulation_steps"] == 2
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7])
+def test_never_more_rows_per_step_than_the_training_set(rows: int) -> None:
+    for machine in MACHINES:
+        p = plan(machine, stats=corpus(n_train=rows))
+        assert 1 <= p.decision("effective_batch") <= rows, (machine, rows)
+
+
+def test_large_corpus_targets_sixteen_rows_and_world_size_counts() -> None:
+    big = corpus(n_train=2000)
+    assert plan("h100", stats=big).decision("effective_batch") == 16
+    two = plan("h100", stats=big, world_size=2)
+    assert two.decision("effective_batch") == 16 and two.world_size == 2
+    assert two.decision("micro_batch_size") * two.decision("grad_accum") == 8
+
+
+def test_explicit_batch_knobs_are_honoured() -> None:
+    p = plan("cpu", micro_batch_size=8, grad_accum=3)
+    assert (p.decision("micro_batch_size"), p.decision("grad_accum")) == (8, 3)
+    q = plan("h100", micro_batch_size=2)
+    assert q.decision("micro_batch_size") == 2 and q.decision("grad_accum") == 4
+
+
+def test_layerwise_galore_picks_no_accumulation_itself() -> None:
+    p = plan("cpu", optimizer="galore_adamw_layerwise")
+    assert p.decision("grad_accum") == 1 and "galore-layerwise-accum" not in codes(p)
+
+
+def test_gradient_checkpointing_off_when_memory_is_plenty() -> None:
+    p = plan("cpu")
+    assert p.decision("gradient_checkpointing") is False
+    assert p.sft_kwargs["activation_checkpointing"] is False
+    assert "gradient_checkpointing" not in p.sft_kwargs  # the deprecated name is never used
+    assert "20%" in next(d.reason for d in p.decisions if d.key == "gradient_checkpointing")
+
+
+def test_gradient_checkpointing_on_when_memory_is_tight() -> None:
+    long_rows = corpus(n_train=200, mean=6000, longest=8000)
+    p = plan("a100-40g", "llama-3.1-8b", long_rows, sequence_len=8192)
+    assert p.decision("gradient_checkpointing") is True and p.sft_kwargs["activation_checkpointing"] is True
+    assert not p.blocked and p.estimates.peak_memory_bytes <= 0.85 * memory_budget(hw("a100-40g"))
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_explicit_gradient_checkpointing_is_honoured(value: bool) -> None:
+    assert plan("cpu", gradient_checkpointing=value).sft_kwargs["activation_checkpointing"] is value
+
+
+def test_sequence_len_clipping() -> None:
+    assert plan("cpu").decision("sequence_len") == 192  # default 2048 -> corpus: 120 tokens x1.5 -> 192
+    assert plan("cpu", stats=corpus(longest=5000)).decision("sequence_len") == 2048  # default, corpus needs more
+    assert plan("cpu", sequence_len=1024).decision("sequence_len") == 1024  # an explicit value is honoured
+    assert plan("cpu", sequence_len=16384).decision("sequence_len") == 8192  # the base's context
+    assert plan("cpu", packing=True).decision("sequence_len") == 2048  # packing fills rows: no corpus clip
+    assert plan("cpu").sft_kwargs["max_length"] == 192
+
+
+def test_target_modules() -> None:
+    assert plan().lora_kwargs["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert plan(target_modules="all-linear").lora_kwargs["target_modules"] == list(bases.LLAMA_LINEAR)
+    assert plan(target_modules=["v_proj", "q_proj"]).lora_kwargs["target_modules"] == ["v_proj", "q_proj"]
+
+
+def test_optimizer_steps() -> None:
+    assert plan(max_steps=7).estimates.optimizer_steps == 7
+    assert plan(max_steps=7).sft_kwargs["max_steps"] == 7
+    # 40 rows, micro 4 x accum 2: ceil(ceil(40 / 4) / 2) = 5 per epoch
+    assert plan(num_epochs=3).decision("steps") == 15
+    assert plan(num_epochs=2.5).decision("steps") == 13
+    assert plan("h100", stats=corpus(n_train=100), world_size=2).decision("steps") == math_steps(100, 4, 1, 2, 3)
+
+
+def math_steps(rows: int, micro: int, accum: int, world: int, epochs: float) -> int:
+    import math
+
+    return math.ceil(epochs * math.ceil(math.ceil(rows / (micro * world)) / accum))
+
+
+def test_lora_kwargs() -> None:
+    p = plan(adapter="dora", lora_r=16, lora_alpha=32, lora_dropout=0.1, use_rslora=True)
+    assert p.lora_kwargs == {"r": 16, "lora_alpha": 32, "lora_dropout": 0.1,
+                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "use_dora": True,
+                             "use_rslora": True, "bias": "none", "task_type": "CAUSAL_LM"}
+    assert plan(adapter="qlora").lora_kwargs["use_dora"] is False
+
+
+def test_sft_kwargs_carry_every_spec_knob() -> None:
+    p = plan(learning_rate=1e-4, lr_scheduler="cosine", warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=0.5,
+             seed=7, eval_steps=3, save_steps=5, logging_steps=2, report_to="tensorboard", packing=True,
+             num_epochs=2, optimizer="adamw_torch_fused")
+    kw = p.sft_kwargs
+    assert kw["learning_rate"] == 1e-4 and kw["lr_scheduler_type"] == "cosine"
+    assert kw["warmup_steps"] == 0.1 and "warmup_ratio" not in kw
+    assert (kw["weight_decay"], kw["max_grad_norm"], kw["seed"], kw["data_seed"]) == (0.01, 0.5, 7, 7)
+    assert (kw["eval_strategy"], kw["eval_steps"], kw["save_steps"], kw["logging_steps"]) == ("steps", 3, 5, 2)
+    assert kw["report_to"] == "tensorboard" and kw["packing"] is True and kw["num_train_epochs"] == 2.0
+    assert kw["optim"] == "adamw_torch_fused" and kw["completion_only_loss"] is True
+
+
+def test_no_heldout_switches_evaluation_off() -> None:
+    kw = plan(stats=corpus(n_heldout=0)).sft_kwargs
+    assert kw["eval_strategy"] == "no" and "eval_steps" not in kw
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_sft_kwargs_never_hold_output_dir_and_always_say_bf16_fp16(machine: str) -> None:
+    for training in ({}, {"adapter": "dora"}, {"adapter": "qlora"}, {"optimizer": "galore_adamw"}):
+        kw = plan(machine, **training).sft_kwargs
+        assert "output_dir" not in kw
+        assert isinstance(kw["bf16"], bool) and isinstance(kw["fp16"], bool) and not (kw["bf16"] and kw["fp16"])
+        assert "max_seq_length" not in kw and "evaluation_strategy" not in kw and "no_cuda" not in kw
+
+
+def test_galore_targets_exactly_the_adapter_layers() -> None:
+    p = plan(optimizer="galore_adamw", galore_rank=64, galore_update_proj_gap=50, galore_scale=0.5)
+    kw = p.sft_kwargs
+    assert kw["optim"] == "galore_adamw"
+    assert kw["optim_args"] == "rank=64,update_proj_gap=50,scale=0.5"
+    rx = kw["optim_target_modules"]
+    assert isinstance(rx, str)  # transformers full-matches a str as a regex
+    prefix = "base_model.model.model.layers.0.self_attn"
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert re.fullmatch(rx, f"{prefix}.{name}.lora_A.default")
+        assert re.fullmatch(rx, f"{prefix}.{name}.lora_B.default")
+        assert not re.fullmatch(rx, f"{prefix}.{name}")
+        assert not re.fullmatch(rx, f"{prefix}.{name}.base_layer")
+        assert not re.fullmatch(rx, f"{prefix}.{name}.lora_magnitude_vector.default")
+    assert not re.fullmatch(rx, "base_model.model.model.layers.0.mlp.up_proj.lora_A.default")
+    assert "optim_target_modules" not in plan().sft_kwargs
+
+
+# --- estimates ---------------------------------------------------------------------------------
+
+
+def _calibration(**training: Any) -> float:
+    rows = corpus(n_train=40, mean=64, longest=64)  # batch 4 x 64 tokens, as measured in STACK.md
+    return plan("cpu", stats=rows, micro_batch_size=4, grad_accum=1, **training).estimates.step_seconds
+
+
+@pytest.mark.parametrize(("training", "measured"), [
+    (dict(lora_dropout=0.05, gradient_checkpointing=False), 3.1),
+    (dict(lora_dropout=0.05, gradient_checkpointing=True), 3.6),
+    (dict(adapter="dora", lora_dropout=0.05, gradient_checkpointing=True), 5.15),
+    (dict(adapter="dora", lora_dropout=0.0, gradient_checkpointing=True), 3.7),
+    (dict(adapter="dora", lora_dropout=0.0, gradient_checkpointing=False), 2.8),
+    (dict(adapter="qlora", lora_dropout=0.05, gradient_checkpointing=True), 6.2),
+])
+def test_cpu_step_time_is_within_25_percent_of_stack_measurements(training: dict, measured: float) -> None:
+    assert _calibration(**training) == pytest.approx(measured, rel=0.25)
+
+
+def test_emulated_bf16_costs_about_14x() -> None:
+    fp32 = _calibration(precision="fp32")
+    assert _calibration(precision="bf16") / fp32 == pytest.approx(14, rel=0.15)
+
+
+def test_estimates_are_consistent() -> None:
+    p = plan("cpu")
+    e = p.estimates
+    assert e.peak_memory_bytes == sum(e.memory_breakdown.values())
+    assert set(e.memory_breakdown) == {"weights", "adapter", "optimizer", "activations", "logits", "overhead"}
+    assert e.total_seconds == pytest.approx(e.optimizer_steps * e.step_seconds, rel=1e-3)
+    assert e.memory_budget_bytes == memory_budget(hw("cpu"))
+    assert e.memory_breakdown["weights"] == bases.resolve("smollm2-135m").n_params * 4
+    assert not e.measured
+    ckpt = plan("cpu", gradient_checkpointing=True).estimates
+    assert ckpt.memory_breakdown["activations"] < e.memory_breakdown["activations"] / 5
+    assert ckpt.step_seconds > e.step_seconds
+
+
+def test_memory_budgets() -> None:
+    assert memory_budget(hw("t4")) == 15 * GIB
+    assert memory_budget(hw("mps")) == 24 * GIB
+    assert memory_budget(hw("cpu")) == 24 * GIB - (24 * GIB) // 10
+
+
+# --- purity ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_deterministic_and_json_serialisable(machine: str) -> None:
+    for training in ({}, {"adapter": "dora", "lora_dropout": 0.05}, {"adapter": "qlora"},
+                     {"optimizer": "galore_adamw_8bit", "target_modules": "all-linear"}):
+        a, b = plan(machine, **training), plan(machine, **training)
+        assert a == b
+        text = json.dumps(a.to_json(), sort_keys=True)
+        assert text == json.dumps(b.to_json(), sort_keys=True)
+        assert json.loads(text)["reason"] == a.reason
+
+
+def test_plan_module_reads_nothing_from_the_environment() -> None:
+    import dlm.findings
+    import dlm.plan
+
+    for module in (dlm.plan, dlm.findings):
+        src = inspect.getsource(module)
+        for banned in ("os.environ", "open(", "import time", "import torch", "print(", "import logging"):
+            assert banned not in src, (module.__name__, banned)
+
+
+# --- binding to the real libraries (integration) -------------------------------------------------
+
+BINDING_SPECS = [
+    {}, {"adapter": "dora", "lora_dropout": 0.05}, {"adapter": "qlora"},
+    {"optimizer": "galore_adamw", "galore_rank": 4}, {"optimizer": "galore_adamw_layerwise"},
+    {"adapter": "dora", "target_modules": "all-linear", "use_rslora": True, "gradient_checkpointing": True,
+     "packing": True, "lr_scheduler": "cosine", "warmup_ratio": 0.1, "report_to": "tensorboard"},
+    {"optimizer": "adamw_8bit", "max_steps": 5},
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("training", BINDING_SPECS,
+                         ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()) or "defaults")
+def test_planned_kwargs_bind_to_the_real_signatures(training: dict, tmp_path: Path) -> None:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    sft_params = set(inspect.signature(trl.SFTConfig).parameters)
+    for machine in MACHINES:
+        p = plan(machine, stats=corpus(n_heldout=2), **training)
+        peft.LoraConfig(**p.lora_kwargs)
+        assert set(p.sft_kwargs) <= sft_params, set(p.sft_kwargs) - sft_params
+        quant = p.model_kwargs["quantization"]
+        if quant:
+            q = {k: getattr(torch, v) if k.endswith("_dtype") else v for k, v in quant.items()}
+            transformers.BitsAndBytesConfig(**q)
+        if machine == "cpu":  # SFTConfig inspects the device: build it for real only where we run
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                cfg = trl.SFTConfig(output_dir=str(tmp_path / machine), **p.sft_kwargs)
+            deprecated = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+            assert not deprecated, deprecated  # no deprecated name (gradient_checkpointing, ...) in the plan
+            assert cfg.activation_checkpointing is p.sft_kwargs["activation_checkpointing"]
+            assert cfg.gradient_checkpointing is p.sft_kwargs["activation_checkpointing"]
+            assert cfg.bf16 is False and cfg.fp16 is False and cfg.use_cpu is True
+            assert cfg.max_length == p.sft_kwargs["max_length"]
+            assert cfg.per_device_train_batch_size == p.decision("micro_batch_size")
+            assert cfg.warmup_steps == p.sft_kwargs["warmup_steps"]
+
+
+@pytest.mark.integration
+def test_galore_regex_matches_exactly_the_lora_layers_of_a_real_peft_model() -> None:
+    import peft
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.trainer_utils import check_target_module_exists
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    for adapter in ("lora", "dora"):
+        p = plan(adapter=adapter, optimizer="galore_adamw", target_modules="all-linear")
+        model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(**p.lora_kwargs))
+        rx = p.sft_kwargs["optim_target_modules"]
+        picked = set()
+        for name, module in model.named_modules():
+            found, is_regex = check_target_module_exists(rx, name, return_is_regex=True)
+            assert is_regex
+            if found:
+                assert isinstance(module, torch.nn.Linear), name  # never "matched but ignored"
+                picked.add(name)
+        lora = {n for n, m in model.named_modules() if re.search(r"\.lora_[AB]\.default$", n)}
+        assert picked == lora and len(lora) == 2 * 7 * 2
