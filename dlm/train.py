@@ -1,0 +1,679 @@
+"""Training, merging, generating and evaluating: the only module that imports trl/peft/transformers/datasets.
+
+Every heavy import sits inside a function, so `import dlm.train` is instant. `run` reads top to
+bottom like a recipe: load the base, turn examples into rows, build `LoraConfig` / `SFTConfig` from
+the plan's kwargs (unchanged, TRL 1.16 / PEFT names), train with `SFTTrainer`, save, summarise.
+
+Rows: one shape for every example, `{"prompt": str, "completion": str}`, so prose and instruction
+examples can share a dataset (TRL decides the shape of a whole dataset from its first row).
+Instruction and preference examples are rendered through the base's chat template (their `system`
+applied): the prompt ends with the generation prompt and the completion is the answer plus the
+template's end-of-turn token. Prose has an empty prompt. TRL's `completion_only_loss` (on by
+default for this shape) then masks exactly the prompt tokens: loss on every prose token, on the
+answer (and its end-of-turn token) only for instructions. `encode_rows` reproduces TRL's masking
+for evaluation; tests check both against TRL's own data preparation.
+
+Progress (this module prints nothing; `render.py` draws):
+- `on_step(step, max_steps, loss, tokens, elapsed_s)` after every optimizer step; `loss` is the
+  latest logged training loss (None before the first log), `tokens` the tokens seen so far
+  (prompt tokens included; from TRL's `num_tokens`), `elapsed_s` wall time since training began.
+- `on_event(kind, data)`: "load" / "loaded" (base), "rows" (counts), "train_begin" ({step,
+  max_steps}), "step_time" ({step, seconds, steady}: one step's compute time and the running
+  steady-state median), "pause" ({kind: eval|checkpoint, seconds}: time that was not training, for
+  `progress.EtaEstimator.exclude`), "log" (each log entry as written to log.jsonl), "interrupt"
+  ({signal}), "checkpoint" ({path, step}), "eval" ({eval_loss, base_eval_loss}), "saved"
+  ({adapter}), "done" ({status, steps}).
+- `callbacks`: extra `transformers.TrainerCallback` instances, passed to the trainer as they are.
+
+Signals: while `run` trains, SIGINT / SIGTERM ask it to stop at the next step boundary; it saves a
+checkpoint there and returns status "interrupted" (a second SIGINT aborts at once). The previous
+handlers are restored when `run` returns. `resume_from` (a checkpoint folder, or True for the
+newest in `out_dir/checkpoints/`) restores weights, optimizer, scheduler, RNG and step through the
+Trainer's `resume_from_checkpoint`; on a CPU the resumed run ends with the same adapter tensors as
+an uninterrupted one (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dlm.corpus import Example
+from dlm.errors import DlmError
+from dlm.plan import Plan
+
+OnStep = Callable[[int, int, "float | None", int, float], None]
+OnEvent = Callable[[str, dict], None]
+Status = Literal["ok", "failed", "interrupted"]
+# Pad candidates that are already special tokens of common vocabularies (SmolLM2 / StarCoder:
+# <|endoftext|>, Llama 3: <|finetune_right_pad_id|>, Qwen2: <|endoftext|>): choosing one of them
+# keeps the embedding matrix, and so the base weights, untouched.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>")
+ADDED_PAD = "<|dlm_pad|>"
+# Without a chat template (a plain base), questions and answers are laid out like this.
+FALLBACK_PROMPT = "### Question\n{prompt}\n\n### Answer\n"
+WARMUP_STEPS = 2  # steps left out of the steady-state step time (allocation, first-touch costs)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    status: Status
+    steps: int  # optimizer steps done (global step, resumed steps included)
+    max_steps: int
+    train_loss: float | None  # the last logged training loss
+    eval_loss: float | None  # token-weighted mean loss on the held-out rows (`eval_loss()`)
+    base_eval_loss: float | None  # the same for the base with the adapter disabled
+    seconds: float  # wall time of this call
+    steady_step_seconds: float | None  # median step time without warm-up and eval/save pauses
+    tokens_seen: int
+    peak_memory_bytes: int  # CUDA: max allocated; CPU: peak RSS of the process
+    trainable_params: int
+    total_params: int
+    adapter_dir: str | None  # out_dir/adapter when status is "ok"
+    checkpoint: str | None  # the newest checkpoint folder (resume from it)
+    message: str = ""
+    log_history: tuple[dict, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["log_history"] = list(self.log_history)
+        return data
+
+
+# --- translating the plan's kwargs ---------------------------------------------------------------
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def torch_dtype(name: Any) -> Any:
+    """'bfloat16' / 'bf16' / ... -> torch.bfloat16; 'auto', None and torch dtypes pass through."""
+    import torch
+
+    if name is None or name == "auto" or isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, _DTYPES.get(name, str(name)), None)  # also 'uint8' (bnb_4bit_quant_storage)
+    if not isinstance(dtype, torch.dtype):
+        raise DlmError(f"unknown dtype {name!r} in the plan", "use float32, bfloat16 or float16")
+    return dtype
+
+
+def from_pretrained_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The plan's `model_kwargs` -> `from_pretrained` arguments: the one short translator.
+
+    dtype strings become torch dtypes; `quantization` (BitsAndBytesConfig kwargs or None) becomes
+    `quantization_config`; everything else passes through under its own name.
+    """
+    from transformers import BitsAndBytesConfig
+
+    kwargs = dict(model_kwargs)
+    if "dtype" in kwargs:
+        kwargs["dtype"] = torch_dtype(kwargs["dtype"])
+    quant = kwargs.pop("quantization", None)
+    if quant:
+        quant = {k: torch_dtype(v) if k.endswith("_dtype") or k.endswith("_storage") else v for k, v in quant.items()}
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
+    return kwargs
+
+
+def _checkpointing(plan: Plan) -> bool:
+    kw = plan.sft_kwargs
+    value = kw.get("activation_checkpointing", kw.get("gradient_checkpointing"))
+    return True if value is None else bool(value)  # TRL's default is on
+
+
+# --- base, tokenizer and rows --------------------------------------------------------------------
+
+
+def ensure_pad_token(tokenizer: Any, model: Any | None = None) -> str:
+    """Give the tokenizer a pad token different from eos; mirror it onto the model's configs.
+
+    SmolLM2 ships pad == eos == <|im_end|>. Padding is masked out of the loss either way, but a
+    collator that masks by pad id would then also mask every real end-of-turn token, and the model
+    would never learn to stop; a distinct pad removes the trap. An existing special token is
+    preferred (no embedding resize, base weights untouched; SmolLM2 gets <|endoftext|>, id 0, which
+    its byte-level BPE never produces from text); otherwise one is added and the embeddings grow.
+    Returns the pad token.
+    """
+    eos = tokenizer.eos_token
+    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
+        chosen = tokenizer.pad_token
+    else:
+        vocab = tokenizer.get_vocab()
+        template = tokenizer.chat_template or ""  # a token the template writes is not free to pad with
+        reserved = {eos, tokenizer.bos_token}
+        chosen = next((t for t in (*PAD_CANDIDATES, tokenizer.unk_token)
+                       if t and t in vocab and t not in reserved and t not in template), None)
+        if chosen is None:
+            tokenizer.add_special_tokens({"pad_token": ADDED_PAD})
+            chosen = ADDED_PAD
+            if model is not None:
+                model.resize_token_embeddings(len(tokenizer))
+        tokenizer.pad_token = chosen
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return chosen
+
+
+def load_base(folder: Path, plan: Plan, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) for training: dtype / attention / 4-bit from `plan.model_kwargs`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = from_pretrained_kwargs(plan.model_kwargs)
+    if "quantization_config" in kwargs and "device_map" not in kwargs:
+        import torch
+
+        if torch.cuda.is_available():  # bitsandbytes quantises on the device the weights land on
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
+    ensure_pad_token(tokenizer, model)
+    if "quantization_config" in kwargs:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32 and freezes the 4-bit weights; checkpointing as the plan decided.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(plan))
+    return model, tokenizer
+
+
+def _bos_prefix(tokenizer: Any) -> str:
+    """The BOS text a template writes that the tokenizer also adds on its own (else '')."""
+    bos = tokenizer.bos_token
+    if not bos:
+        return ""
+    ids = tokenizer("x")["input_ids"]
+    return bos if ids and ids[0] == tokenizer.bos_token_id else ""
+
+
+def render_chat(tokenizer: Any, prompt: str, answer: str | None, system: str | None) -> tuple[str, str]:
+    """(prompt text ending with the generation prompt, completion text) through the chat template.
+
+    The completion is whatever the template writes after the prompt for this answer (the answer and
+    the end-of-turn token), minus trailing whitespace, so TRL does not append a second eos.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return FALLBACK_PROMPT.format(prompt=prompt), answer or ""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    try:
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - jinja raises TemplateError from the template itself
+        if not system:
+            raise
+        # Some templates (Gemma's) refuse a system role: fold the system text into the question.
+        messages = [{"role": "user", "content": f"{system}\n\n{prompt}"}]
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    completion = answer or ""
+    if answer is not None:
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+        if full.startswith(head):
+            completion = full[len(head):].rstrip()
+    bos = _bos_prefix(tokenizer)
+    if bos and head.startswith(bos):  # the tokenizer adds BOS itself; a second one would be trained on
+        head = head[len(bos):]
+    return head, completion
+
+
+def rows(examples: Iterable[Example], tokenizer: Any) -> list[dict[str, str]]:
+    """Examples -> TRL rows, all `{"prompt", "completion"}` (see the module docstring)."""
+    out = []
+    for ex in examples:
+        if ex.kind == "prose":
+            out.append({"prompt": "", "completion": ex.text})
+        else:
+            head, completion = render_chat(tokenizer, ex.prompt, ex.completion, ex.system)
+            out.append({"prompt": head, "completion": completion})
+    return out
+
+
+def encode_rows(rows_: Sequence[dict[str, str]], tokenizer: Any, max_length: int | None = None) -> list[dict[str, list[int]]]:
+    """input_ids and labels exactly as TRL 1.16 prepares prompt/completion rows (eos appended,
+    -100 on the common prefix of prompt and prompt+completion, truncation keeping the start,
+    fully masked rows dropped). `tests/test_train.py` checks it against TRL's own preparation."""
+    eos = tokenizer.eos_token
+    out = []
+    for row in rows_:
+        completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
+        prompt_ids = tokenizer(text=row["prompt"])["input_ids"]
+        ids = tokenizer(text=row["prompt"] + completion)["input_ids"]
+        n = 0
+        while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
+            n += 1
+        labels = [-100] * n + ids[n:]
+        if max_length is not None:
+            ids, labels = ids[:max_length], labels[:max_length]
+        if any(label != -100 for label in labels):
+            out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+# --- evaluation, merging, generation, export -----------------------------------------------------
+
+
+def eval_loss(model: Any, tokenizer: Any, examples: Iterable[Example], *, max_length: int | None = None,
+              batch_size: int = 4) -> float | None:
+    """Mean loss per answer token (prose: per token) over held-out examples, masked as in training.
+
+    Token-weighted over the whole set (not a mean of batch means), so base, A and B are judged on the
+    same tokens with the same weights. None when there is nothing to score.
+    """
+    import torch
+
+    enc = encode_rows(rows(examples, tokenizer), tokenizer, max_length)
+    if not enc:
+        return None
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(enc), batch_size):
+                batch = enc[i:i + batch_size]
+                width = max(len(r["input_ids"]) for r in batch)
+                ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch], device=device)
+                labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in batch], device=device)
+                mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch],
+                                    device=device)
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                target = labels[:, 1:]
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
+                total += float(loss)
+                count += int((target != -100).sum())
+    finally:
+        model.train(was_training)
+    return total / count if count else None
+
+
+def merge_for_inference(model: Any) -> Any:
+    """Fold a PEFT adapter (LoRA or DoRA) into the base weights in memory; a plain model passes.
+
+    Unmerged DoRA recomputes weight norms on every token; merged, it costs what the base costs.
+    """
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.eval()
+
+
+def load_trained(adapter_dir: Path, base_folder: Path, *, trust_remote_code: bool = False, merge: bool = True,
+                 dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a saved adapter on its base, merged for inference unless `merge=False`.
+
+    The base is loaded unquantized even for a QLoRA adapter: merging into 4-bit weights would round
+    the update away, and inference on the full-precision base is what export writes anyway.
+    `device` defaults to the GPU when there is one.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok_dir = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_folder
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(str(base_folder), trust_remote_code=trust_remote_code,
+                                                dtype=torch_dtype(dtype))
+    ensure_pad_token(tokenizer, base)
+    base.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return (merge_for_inference(model) if merge else model.eval()), tokenizer
+
+
+def generate(model: Any, tokenizer: Any, prompt_text: str, system: str | None = None, max_new_tokens: int = 128,
+             temperature: float = 0.0) -> str:
+    """One answer to `prompt_text`, laid out by the chat template as in training. Greedy at 0."""
+    import torch
+
+    head, _ = render_chat(tokenizer, prompt_text, None, system)
+    enc = tokenizer(text=head, return_tensors="pt").to(next(model.parameters()).device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, **sampling)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def export_merged(adapter_dir: Path, base_folder: Path, out_dir: Path, *, trust_remote_code: bool = False,
+                  dtype: str = "float32") -> Path:
+    """Merge the adapter into its base and write a standard Hugging Face folder (model + tokenizer).
+
+    Written into a temp folder beside `out_dir` and renamed into place; an existing non-empty
+    `out_dir` is refused rather than overwritten.
+    """
+    import tempfile
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise DlmError(f"{out_dir} exists and is not empty", "choose a new folder for the export", str(out_dir))
+    model, tokenizer = load_trained(adapter_dir, base_folder, trust_remote_code=trust_remote_code, dtype=dtype,
+                                    device="cpu")  # written to disk anyway; keeps GPU memory free
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder of a run (by N), or None. A checkpoint counts once
+    the Trainer has written its `trainer_state.json`, so a save cut short is skipped."""
+    folder = Path(out_dir) / "checkpoints"
+    found = [(int(p.name[11:]), p) for p in folder.glob("checkpoint-*")
+             if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def sft_config(plan: Plan, output_dir: Path, *, max_steps: int | None = None, has_eval: bool = True) -> Any:
+    """`SFTConfig(output_dir=..., **plan.sft_kwargs)`: the plan's names pass through unchanged.
+
+    Only run-mechanics are added when the plan does not say: no tqdm (render.py draws), NaN losses
+    logged as NaN (so the run can stop on them), a few checkpoints kept. A CLI `--max-steps`
+    overrides the plan's length; with no held-out rows, periodic evaluation is switched off.
+    """
+    from trl import SFTConfig
+
+    kwargs = dict(plan.sft_kwargs)
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    if not has_eval:
+        kwargs["eval_strategy"] = "no"
+        kwargs.pop("eval_steps", None)
+    kwargs.setdefault("disable_tqdm", True)
+    kwargs.setdefault("logging_nan_inf_filter", False)
+    kwargs.setdefault("save_total_limit", 3)
+    return SFTConfig(output_dir=str(output_dir), **kwargs)
+
+
+def _peak_memory() -> int:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def _finite_adapter(model: Any) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def _trim_log(log_path: Path, upto_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (steps that will be redone)."""
+    if not log_path.is_file():
+        return
+    keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    log_path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _progress_callback(state_box: dict, log_path: Path, on_step: OnStep | None, on_event: OnEvent) -> Any:
+    """A TrainerCallback that times steps, writes log.jsonl, forwards progress and obeys signals."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            state_box["t_train"] = time.monotonic()
+            on_event("train_begin", {"step": state.global_step, "max_steps": state.max_steps})
+
+        def on_step_begin(self, args, state, control, **kw):
+            state_box["t_step"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            state_box["t_mark"] = time.perf_counter()
+            dt = state_box["t_mark"] - state_box["t_step"]
+            state_box["step_times"].append(dt)
+            steady = state_box["step_times"][WARMUP_STEPS:] or state_box["step_times"]
+            on_event("step_time", {"step": state.global_step, "seconds": dt, "steady": statistics.median(steady)})
+            if state_box["signal"] is not None:
+                # Save here, at a step boundary, and stop: the Trainer writes a full checkpoint.
+                control.should_save = True
+                control.should_training_stop = True
+                state_box["interrupted"] = True
+            if not control.should_log and on_step is not None:  # logged steps report from on_log with their loss
+                on_step(state.global_step, state.max_steps, state_box["loss"], state_box["tokens"], self._elapsed())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            now = self._elapsed()
+            entry: dict[str, Any] = {"step": state.global_step, "seconds": round(now, 3)}
+            if "loss" in logs:
+                loss = float(logs["loss"])
+                tokens = int(logs.get("num_tokens", state_box["tokens"]))
+                # After a resume TRL's counter restarts at 0: count from there, never backwards.
+                dtok = tokens - state_box["tokens"] if tokens >= state_box["tokens"] else tokens
+                dsec = now - state_box["t_log"]
+                entry.update(loss=loss, lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                             tokens=tokens, tokens_per_s=round(dtok / dsec, 1) if dsec > 0 else None,
+                             epoch=logs.get("epoch"))
+                state_box.update(loss=loss, tokens=tokens, t_log=now)
+                if not math.isfinite(loss):
+                    state_box["failed"] = f"training loss became {loss} at step {state.global_step}"
+                    control.should_training_stop = True
+            entry.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+            if len(entry) > 2:
+                # Strict JSON: a NaN/inf loss is written as null (the run's message says what it was).
+                clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}
+                with log_path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(clean, allow_nan=False) + "\n")
+                on_event("log", entry)
+            if "loss" in logs and on_step is not None:
+                on_step(state.global_step, state.max_steps, state_box["loss"], state_box["tokens"], now)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            on_event("pause", {"kind": "eval", "seconds": self._since_mark(), "step": state.global_step})
+
+        def on_save(self, args, state, control, **kw):
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            state_box["checkpoint"] = str(path)
+            on_event("pause", {"kind": "checkpoint", "seconds": self._since_mark(), "step": state.global_step})
+            on_event("checkpoint", {"path": str(path), "step": state.global_step})
+
+        @staticmethod
+        def _since_mark() -> float:
+            """Seconds since the last step ended (or the last pause): the pause that just ended."""
+            now = time.perf_counter()
+            seconds, state_box["t_mark"] = now - state_box.get("t_mark", now), now
+            return seconds
+
+        @staticmethod
+        def _elapsed() -> float:
+            return time.monotonic() - state_box.get("t_train", time.monotonic())
+
+    return Progress()
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Switch off the libraries' own tqdm bars (weights loading, dataset mapping) for a block:
+    render.py draws dlm's progress, and stray bars would tear through it."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    bars = (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars[0]:
+            hf_logging.enable_progress_bar()
+        if bars[1]:
+            datasets.enable_progress_bars()
+
+
+@contextmanager
+def stop_on_signals(state_box: dict, on_event: OnEvent) -> Iterator[None]:
+    """SIGINT/SIGTERM -> `state_box["signal"]`, which the progress callback turns into "save a
+    checkpoint and stop" at the next step boundary; a second SIGINT aborts at once. The previous
+    handlers come back afterwards. Python only delivers signals to the main thread: elsewhere the
+    block runs without handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if state_box["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        state_box["signal"] = signum
+        on_event("interrupt", {"signal": signal.Signals(signum).name})
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
+
+
+def run(plan: Plan, train_examples: Sequence[Example], heldout_examples: Sequence[Example], base_folder: Path,
+        out_dir: Path, *, trust_remote_code: bool = False, callbacks: Sequence[Any] = (),
+        resume_from: Path | bool | None = None, max_steps: int | None = None, on_step: OnStep | None = None,
+        on_event: OnEvent | None = None, eval_base: bool = True) -> RunSummary:
+    """Train one adapter: `out_dir/adapter/` (PEFT safetensors), `out_dir/log.jsonl`,
+    `out_dir/checkpoints/checkpoint-N/`. Returns the summary; raises only on bugs and bad input.
+
+    `max_steps` overrides the plan's length (CLI `--max-steps`); `eval_base` also scores the base
+    with the adapter disabled on the held-out rows (`base_eval_loss`).
+    """
+    t0 = time.monotonic()
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+    from trl import SFTTrainer
+
+    emit: OnEvent = on_event or (lambda kind, data: None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "log.jsonl"
+    if resume_from is True:
+        resume_from = latest_checkpoint(out_dir)
+        if resume_from is None:
+            raise DlmError(f"no checkpoint to resume from in {out_dir / 'checkpoints'}", "train without --resume")
+    if resume_from:
+        resume_from = Path(resume_from)
+        _trim_log(log_path, json.loads((resume_from / "trainer_state.json").read_text())["global_step"])
+    else:
+        log_path.write_text("")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    box: dict[str, Any] = {"signal": None, "interrupted": False, "failed": None, "loss": None, "tokens": 0,
+                           "t_log": 0.0, "step_times": [], "checkpoint": str(resume_from) if resume_from else None}
+
+    with stop_on_signals(box, emit), quiet_progress():
+        # 1. load. Seeded first: PEFT draws the adapter's initial weights from the global RNG.
+        set_seed(int(plan.sft_kwargs.get("seed", 42)))
+        emit("load", {"base": str(base_folder)})
+        model, tokenizer = load_base(base_folder, plan, trust_remote_code)
+        emit("loaded", {"params": sum(p.numel() for p in model.parameters())})
+        # 2. rows
+        train_rows, held_rows = rows(train_examples, tokenizer), rows(heldout_examples, tokenizer)
+        emit("rows", {"train": len(train_rows), "heldout": len(held_rows)})
+        if not train_rows:
+            raise DlmError("there is nothing to train on: every example is held out or the corpus is empty",
+                           "add examples, or lower training.eval_fraction")
+        # 3. wrap: TRL applies the LoraConfig and prepares (tokenizes, masks) the datasets
+        args = sft_config(plan, out_dir / "checkpoints", max_steps=max_steps, has_eval=bool(held_rows))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(held_rows) if held_rows else None,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(**plan.lora_kwargs),
+            callbacks=[_progress_callback(box, log_path, on_step, emit), *callbacks],
+        )
+        # The Trainer's own console output (a printed dict per log, or a tqdm bar) is render.py's job.
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        model = trainer.model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        # 4. train (a signal that came while loading means: stop before the first step)
+        if box["signal"] is None:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        else:
+            box["interrupted"] = True
+        # 5. judge and save: only a complete, finite run becomes an adapter folder
+        status: Status = "interrupted" if box["interrupted"] else "ok"
+        message = ""
+        if box["failed"] or (status == "ok" and not _finite_adapter(model)):
+            status, message = "failed", box["failed"] or "the adapter's weights are not finite"
+        adapter_dir = eval_l = base_l = None
+        if status == "ok":
+            if held_rows:
+                eval_l = eval_loss(model, tokenizer, heldout_examples, max_length=args.max_length)
+                if eval_base:
+                    with model.disable_adapter():
+                        base_l = eval_loss(model, tokenizer, heldout_examples, max_length=args.max_length)
+                emit("eval", {"eval_loss": eval_l, "base_eval_loss": base_l})
+            adapter_dir = str(_save_adapter(model, tokenizer, out_dir / "adapter"))
+            emit("saved", {"adapter": adapter_dir})
+
+    # 6. summarise
+    state, steps_t = trainer.state, box["step_times"]
+    summary = RunSummary(
+        status=status,
+        steps=state.global_step,
+        max_steps=state.max_steps,
+        train_loss=box["loss"],
+        eval_loss=eval_l,
+        base_eval_loss=base_l,
+        seconds=time.monotonic() - t0,
+        steady_step_seconds=statistics.median(steps_t[WARMUP_STEPS:] or steps_t) if steps_t else None,
+        tokens_seen=box["tokens"],
+        peak_memory_bytes=_peak_memory(),
+        trainable_params=trainable,
+        total_params=total,
+        adapter_dir=adapter_dir,
+        checkpoint=box["checkpoint"],
+        message=message,
+        log_history=tuple(state.log_history),
+    )
+    emit("done", {"status": status, "steps": summary.steps})
+    return summary
+
+
+def _save_adapter(model: Any, tokenizer: Any, target: Path) -> Path:
+    """PEFT adapter folder (adapter_config.json + adapter_model.safetensors), swapped in whole."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        if tokenizer.pad_token == ADDED_PAD:  # the vocabulary grew: the base's tokenizer no longer fits
+            tokenizer.save_pretrained(str(tmp))
+        tmp.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
