@@ -31,8 +31,13 @@ test-unit: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# The quick start: audit every example, then train the tutor on the embedded base (~1-2 min on
+# 2 CPU cores, offline) and ask the trained adapter a question.
 demo: setup
-	@for f in configs/*.dlm configs/*.yaml; do echo "== dlm doctor $$f"; $(BIN)/dlm doctor $$f || exit $$?; done
+	@for f in configs/*.dlm configs/*.yaml; do echo "== dlm doctor $$f"; $(BIN)/dlm doctor $$f > /dev/null || exit $$?; echo "ok"; done
+	$(BIN)/dlm train configs/tutor.dlm --fresh
+	$(BIN)/dlm show configs/tutor.dlm
+	$(BIN)/dlm prompt configs/tutor.dlm "What does the yield keyword do?"
 
 clean:
 	rm -rf $(VENV) .dlm-home .pytest_cache

@@ -12,7 +12,7 @@ training:
   lora_dropout: 0.0         # 0 keeps DoRA on PEFT's fast path (base output reused)
   target_modules: auto      # q_proj, k_proj, v_proj, o_proj
   learning_rate: 2.0e-4
-  num_epochs: 4             # ~22 training rows / effective batch 8 = 3 steps an epoch -> ~12 steps
+  num_epochs: 7             # 19 training rows / effective batch 8 = 3 steps an epoch -> 21 steps
   sequence_len: 256         # the longest row is ~110 tokens
   eval_fraction: 0.15       # ~4 held-out rows, chosen by hash: identical in both twins
   seed: 42                  # same seed in both twins: same split, same data order

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dlm import __version__, render
 from dlm.errors import DlmError
@@ -126,6 +127,163 @@ def schema() -> None:
     from dlm.schema import json_schema
 
     render.as_json(out, json_schema())
+
+
+_NOTES = {  # training events worth a line above the progress bar
+    "load": lambda d: f"loading base {d['base']}",
+    "interrupt": lambda d: f"{d['signal']}: saving a checkpoint at the end of this step",
+    "checkpoint": lambda d: f"checkpoint {d['path']}",
+    "eval": lambda d: "held-out loss " + (f"{d['eval_loss']:.4f}" if d.get("eval_loss") is not None else "-")
+    + (f" (base {d['base_eval_loss']:.4f})" if d.get("base_eval_loss") is not None else ""),
+}
+
+
+def _progress(view: render.TrainView, total: int):
+    """on_step / on_event handlers feeding the steady-state ETA (progress.py) and drawing it."""
+    import time
+
+    from dlm.progress import EtaEstimator
+
+    eta = EtaEstimator(total)
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "train_begin":
+            eta.total_steps = data["max_steps"] or total
+            eta.start(time.perf_counter(), data["step"])
+        elif kind == "pause":
+            eta.exclude(data["seconds"])
+        elif kind in _NOTES and State.verbosity >= (1 if kind == "checkpoint" else 0):
+            view.note(_NOTES[kind](data))
+
+    def on_step(step: int, max_steps: int, loss: float | None, tokens: int, elapsed: float) -> None:
+        now = time.perf_counter()
+        eta.step(step, now, tokens)
+        view.update(step, max_steps, loss, eta.tokens_per_second(), eta.eta(now))
+
+    return on_step, on_event
+
+
+@app.command()
+def train(
+    file: Annotated[Path, typer.Argument(help="The document (.dlm) or spec (.yaml) to train.")],
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from its last checkpoint.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over, leaving an interrupted run behind.")] = False,
+) -> None:
+    """Plan, print the plan, train with TRL, and save a new version of the adapter."""
+    from dlm import hardware, runs
+
+    hw = hardware.probe()
+    quiet = State.verbosity < 0 or runs.rank() != 0
+    box: dict = {}
+
+    def on_plan(p) -> None:
+        if not quiet:
+            render.plan(out, p.doc.path, p.plan, p.base, hw, p.corpus)
+        box["view"] = render.TrainView(out if not quiet else Console(quiet=True), p.plan.estimates.optimizer_steps)
+        box["on_step"], box["on_event"] = _progress(box["view"], p.plan.estimates.optimizer_steps)
+        box["view"].__enter__()
+
+    def on_step(*a) -> None:
+        box["on_step"](*a)
+
+    def on_event(kind, data) -> None:
+        box["on_event"](kind, data)
+
+    try:
+        outcome = runs.train_document(file, State.home, hw, max_steps=max_steps, resume=resume, fresh=fresh,
+                                      on_plan=on_plan, on_step=on_step, on_event=on_event)
+    finally:
+        if "view" in box:
+            box["view"].__exit__()
+    if not quiet:
+        render.trained(out, outcome, State.home)
+    raise typer.Exit(130 if outcome.summary.status == "interrupted" else 0)
+
+
+@app.command()
+def prompt(
+    file: Annotated[Path, typer.Argument(help="The trained document.")],
+    text: Annotated[str, typer.Argument(help="The question or instruction.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=8192, help="Most new tokens.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, max=5.0, help="0 = greedy.")] = 0.0,
+) -> None:
+    """Answer with the current adapter merged into the base in memory (chat template as in training)."""
+    from dlm import bases, infer, runs
+
+    cur = runs.current(file, State.home)
+    if cur.stale and State.verbosity >= 0:
+        err.print(f"note: {file} changed since {cur.version_dir.name} was trained; `dlm train {file}` refreshes it")
+    folder = bases.materialize(cur.prepared.base, State.home)
+    model, tok = infer.load_trained(cur.version_dir, folder, trust_remote_code=cur.prepared.spec.trust_remote_code)
+    out.print(escape(infer.generate(model, tok, text, cur.prepared.spec.system_prompt, max_tokens, temperature)),
+              highlight=False, soft_wrap=True)
+
+
+@app.command()
+def show(
+    file: Annotated[Path, typer.Argument(help="The document whose store to list.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Stable JSON (docs/cli.md).")] = False,
+) -> None:
+    """The store: current adapter, versions and runs with their metrics. Exit 1 if the current one is damaged."""
+    from dlm import runs
+
+    info = runs.describe(file, State.home)
+    render.as_json(out, info) if json_out else render.store_listing(out, info)
+    if info["damaged"]:
+        err.print(escape(info["damaged"]), highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    file: Annotated[Path, typer.Argument(help="The trained document.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="A new (or empty) folder to write.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "float32",
+) -> None:
+    """Merge the current adapter into its base and write a standard Hugging Face model folder."""
+    from dlm import bases, infer, runs
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise DlmError(f"--dtype must be float32, bfloat16 or float16 (got {dtype!r})", "for example: --dtype bfloat16")
+    cur = runs.current(file, State.home)
+    folder = bases.materialize(cur.prepared.base, State.home)
+    target = infer.export_merged(cur.version_dir, folder, output, trust_remote_code=cur.prepared.spec.trust_remote_code,
+                                 dtype=dtype)
+    out.print(f"wrote {target} ({cur.version_dir.name} merged into {cur.prepared.spec.base_model})", highlight=False)
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="The baseline document (the cheaper side, e.g. LoRA).")],
+    b: Annotated[Path, typer.Argument(help="Its twin (e.g. DoRA), which must earn its extra cost.")],
+    metric: Annotated[str, typer.Option("--metric", help="eval_loss (lower is better) | delta_kl (higher is better).")] = "eval_loss",
+    min_gain: Annotated[float, typer.Option("--min-gain", help="B must beat A by this fraction (0.05 = 5%).")] = 0.05,
+    gate: Annotated[bool, typer.Option("--gate", help="Exit 1 when B does not pay (for CI).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Stable JSON (docs/compare.md) instead of tables.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw loss curves and metric/cost bars into this PNG.")] = None,
+    train: Annotated[bool, typer.Option("--train", help="First train a side that has no adapter or a stale one.")] = False,
+    allow_different_data: Annotated[bool, typer.Option("--allow-different-data", help="Compare twins whose corpora differ, on A's held-out examples.")] = False,
+) -> None:
+    """Score the base, A and B on A's held-out examples and say whether B's gain pays for its cost."""
+    from dlm import compare as comparing
+
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise DlmError(f"--plot writes a PNG file (got {plot})", "for example: --plot compare.png")
+
+    def on_train(role: str, path: str, why: str) -> None:
+        if State.verbosity >= 0:
+            err.print(f"training {role} ({escape(path)}): {why}", highlight=False)
+
+    result = comparing.compare(a, b, State.home, metric=metric, min_gain=min_gain, train=train, on_train=on_train,
+                               allow_different_data=allow_different_data)
+    render.as_json(out, result.to_json()) if json_out else render.comparison(out, result)
+    if plot is not None:
+        from dlm.plot import comparison_png
+
+        comparison_png(result, plot)
+        err.print(f"plot: {escape(str(plot))}", highlight=False) if State.verbosity >= 0 else None
+    raise typer.Exit(1 if gate and not result.verdict.b_pays else 0)
 
 
 # typer >= 0.29 vendors click; find its exception base through a public class either way.

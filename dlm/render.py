@@ -112,3 +112,147 @@ def as_json(console: Console, data: Any) -> None:
 
 def panel(console: Console, title: str, body: str) -> None:
     console.print(Panel(escape(body), title=title, expand=False))
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+class TrainView:
+    """The training progress: a rich bar on a terminal, one plain line per step (or every few) otherwise.
+
+    Values come in computed (loss, tokens/s, ETA from `progress.EtaEstimator`); this class only draws.
+    """
+
+    def __init__(self, console: Console, total_steps: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console, self.total = console, max(1, total_steps)
+        self.every = max(1, self.total // 20)  # plain lines: about twenty per run
+        self._bar = None
+        if console.is_terminal:
+            self._bar = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                                 transient=False)
+            self._task = self._bar.add_task("train", total=self.total, info="loading")
+
+    def __enter__(self) -> TrainView:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def note(self, text: str) -> None:
+        (self._bar.console if self._bar is not None else self.console).print(escape(text), highlight=False,
+                                                                             soft_wrap=True)
+
+    def update(self, step: int, total: int, loss: float | None, tokens_per_s: float | None,
+               eta: float | None) -> None:
+        info = "  ".join([
+            f"loss {loss:.4f}" if loss is not None else "loss -",
+            f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "- tok/s",
+            f"ETA {duration(eta)}" if eta is not None else "ETA (warming up)",
+        ])
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, total=max(1, total), info=info)
+        elif step % self.every == 0 or step >= total or step == 1:
+            self.console.print(f"step {step}/{total}  {info}", highlight=False)
+
+
+def trained(console: Console, outcome: Any, home: Any) -> None:
+    s = outcome.summary
+    store = outcome.store.root
+    if s.status == "interrupted":
+        console.print(f"interrupted at step {s.steps}/{s.max_steps}; checkpoint {escape(str(s.checkpoint))}\n"
+                      f"continue with: dlm train {escape(outcome.prepared.doc.path)} --resume", highlight=False)
+        return
+    loss = f"held-out loss {s.eval_loss:.4f} (base {s.base_eval_loss:.4f})" if s.eval_loss is not None and \
+        s.base_eval_loss is not None else "no held-out examples"
+    steady = f"{s.steady_step_seconds:.2f} s/step steady" if s.steady_step_seconds else ""
+    console.print(f"done: {s.steps} steps in {duration(s.seconds)} ({steady}), peak memory "
+                  f"{gib(s.peak_memory_bytes)}, {loss}", highlight=False)
+    console.print(f"version {outcome.version} -> {escape(str(store / 'adapter'))}", highlight=False)
+    console.print(f"store: {escape(str(store))}", highlight=False)
+
+
+def store_listing(console: Console, info: dict[str, Any]) -> None:
+    """`dlm show`: the document's store, its versions and runs."""
+    console.print(f"[bold]{escape(info['source'] or '')}[/]  dlm_id {info['dlm_id']}  base {escape(str(info['base']))}",
+                  highlight=False)
+    console.print(f"store: {escape(info['store'])}", highlight=False)
+    current = info.get("current")
+    console.print(f"current adapter: {current or 'none yet (dlm train FILE)'}"
+                  + ("  [yellow](stale: the document changed since)[/]" if info.get("stale") else ""),
+                  highlight=False)
+    table = Table(title="runs", title_justify="left")
+    for col in ("run", "status", "version", "steps", "held-out loss (base)", "s/step", "time", "peak mem"):
+        table.add_column(col)
+
+    def num(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    notes = []
+    for r in info["runs"]:
+        m = r.get("metrics") or {}
+        version = (r.get("version") or "-") + (" *" if r.get("version") and r.get("version") == current else "")
+        loss = num(m.get("eval_loss"), ".4f") + (f" ({m['base_eval_loss']:.4f})" if isinstance(
+            m.get("base_eval_loss"), (int, float)) else "")
+        table.add_row(r["run"], r["status"], version, num(m.get("steps"), "d"), loss,
+                      num(m.get("steady_step_seconds"), ".2f"),
+                      duration(m["seconds"]) if isinstance(m.get("seconds"), (int, float)) else "-",
+                      gib(m["peak_memory_bytes"]) if m.get("peak_memory_bytes") else "-")
+        if r.get("message") and r["status"] != "ok":
+            notes.append(f"{r['run']} ({r['status']}, {r.get('started')}): {r['message']}")
+    console.print(table)
+    for v in info["versions"]:
+        console.print(f"{v['version']}: {v['bytes'] / 2**20:.1f} MiB, run {v['run']}", highlight=False)
+    for note in notes:
+        console.print(escape(note), highlight=False, soft_wrap=True)
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+
+def comparison(console: Console, comp: Any) -> None:
+    """`dlm compare`: base / A / B with every metric, the config differences, notes, the verdict line."""
+    v = comp.verdict
+
+    def num(x: Any, fmt: str) -> str:
+        return format(x, fmt) if isinstance(x, (int, float)) and x == x else "-"
+
+    table = Table(title=f"dlm compare: {comp.heldout_examples} held-out examples of A, {comp.heldout_tokens} "
+                        f"scored tokens", title_justify="left")
+    for col, justify in (("side", "left"), ("document", "left"), ("adapter", "left"), ("held-out loss", "right"),
+                         ("perplexity", "right"), ("delta_kl", "right"), ("s/step", "right"),
+                         ("train time", "right"), ("peak mem", "right"), ("trainable", "right"),
+                         ("adapter size", "right")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for s in comp.sides:
+        doc = "-" if s.path is None else f"{escape(s.path)} {s.version or ''}" + (" [yellow](stale)[/]" if s.stale else "")
+        mark = " *" if s.role == v.keep else ""
+        table.add_row(f"[bold]{s.role}[/]{mark}", doc, s.adapter or "-", num(s.eval_loss, ".4f"),
+                      num(s.perplexity, ".2f"), num(s.delta_kl, ".4f"), num(s.steady_step_seconds, ".3f"),
+                      duration(s.train_seconds) if s.train_seconds is not None else "-",
+                      gib(s.peak_memory_bytes) if s.peak_memory_bytes else "-",
+                      f"{s.trainable_params:,}" if s.trainable_params is not None else "-",
+                      f"{s.adapter_bytes / 2**20:.2f} MiB" if s.adapter_bytes is not None else "-")
+    console.print(table)
+    ratios = [("step time", v.step_time_ratio), ("peak memory", v.memory_ratio), ("train time", v.train_time_ratio),
+              ("trainable params", v.params_ratio), ("adapter bytes", v.adapter_bytes_ratio)]
+    console.print("B / A: " + ", ".join(f"{label} x{num(r, '.2f')}" for label, r in ratios), highlight=False)
+    if comp.differences:
+        diff = Table(title="configuration differences (every key that differs; dlm_id left out)", title_justify="left")
+        for col in ("key", "A", "B", "from"):
+            diff.add_column(col, overflow="fold")
+        for d in comp.differences:
+            diff.add_row(escape(d.key), escape(json.dumps(d.a, default=str)), escape(json.dumps(d.b, default=str)),
+                         d.source)
+        console.print(diff)
+    else:
+        console.print("configuration differences: none (dlm_id aside)", highlight=False)
+    for note in comp.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    style = "bold green" if v.b_pays else "bold"
+    console.print(f"[{style}]verdict:[/] {escape(v.reason)}", highlight=False, soft_wrap=True)

@@ -1,4 +1,4 @@
-"""Training, merging, generating and evaluating: the only module that imports trl/peft/transformers/datasets.
+"""Training: with `infer.py`, the only modules that import trl/peft/transformers/datasets.
 
 Every heavy import sits inside a function, so `import dlm.train` is instant. `run` reads top to
 bottom like a recipe: load the base, turn examples into rows, build `LoraConfig` / `SFTConfig` from
@@ -36,6 +36,7 @@ an uninterrupted one (tested).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -54,6 +55,10 @@ from typing import Any, Literal
 from dlm.corpus import Example
 from dlm.errors import DlmError
 from dlm.plan import Plan
+
+# bitsandbytes logs a warning on import (peft imports it) about an optional CPU kernel package that
+# the 4-bit path does not need; set before any heavy import so it never reaches the user's console.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 OnStep = Callable[[int, int, "float | None", int, float], None]
 OnEvent = Callable[[str, dict], None]
@@ -261,121 +266,6 @@ def encode_rows(rows_: Sequence[dict[str, str]], tokenizer: Any, max_length: int
     return out
 
 
-# --- evaluation, merging, generation, export -----------------------------------------------------
-
-
-def eval_loss(model: Any, tokenizer: Any, examples: Iterable[Example], *, max_length: int | None = None,
-              batch_size: int = 4) -> float | None:
-    """Mean loss per answer token (prose: per token) over held-out examples, masked as in training.
-
-    Token-weighted over the whole set (not a mean of batch means), so base, A and B are judged on the
-    same tokens with the same weights. None when there is nothing to score.
-    """
-    import torch
-
-    enc = encode_rows(rows(examples, tokenizer), tokenizer, max_length)
-    if not enc:
-        return None
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for i in range(0, len(enc), batch_size):
-                batch = enc[i:i + batch_size]
-                width = max(len(r["input_ids"]) for r in batch)
-                ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch], device=device)
-                labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in batch], device=device)
-                mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch],
-                                    device=device)
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                target = labels[:, 1:]
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
-                total += float(loss)
-                count += int((target != -100).sum())
-    finally:
-        model.train(was_training)
-    return total / count if count else None
-
-
-def merge_for_inference(model: Any) -> Any:
-    """Fold a PEFT adapter (LoRA or DoRA) into the base weights in memory; a plain model passes.
-
-    Unmerged DoRA recomputes weight norms on every token; merged, it costs what the base costs.
-    """
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    return model.eval()
-
-
-def load_trained(adapter_dir: Path, base_folder: Path, *, trust_remote_code: bool = False, merge: bool = True,
-                 dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of a saved adapter on its base, merged for inference unless `merge=False`.
-
-    The base is loaded unquantized even for a QLoRA adapter: merging into 4-bit weights would round
-    the update away, and inference on the full-precision base is what export writes anyway.
-    `device` defaults to the GPU when there is one.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok_dir = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_folder
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=trust_remote_code)
-    base = AutoModelForCausalLM.from_pretrained(str(base_folder), trust_remote_code=trust_remote_code,
-                                                dtype=torch_dtype(dtype))
-    ensure_pad_token(tokenizer, base)
-    base.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    return (merge_for_inference(model) if merge else model.eval()), tokenizer
-
-
-def generate(model: Any, tokenizer: Any, prompt_text: str, system: str | None = None, max_new_tokens: int = 128,
-             temperature: float = 0.0) -> str:
-    """One answer to `prompt_text`, laid out by the chat template as in training. Greedy at 0."""
-    import torch
-
-    head, _ = render_chat(tokenizer, prompt_text, None, system)
-    enc = tokenizer(text=head, return_tensors="pt").to(next(model.parameters()).device)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, **sampling)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def export_merged(adapter_dir: Path, base_folder: Path, out_dir: Path, *, trust_remote_code: bool = False,
-                  dtype: str = "float32") -> Path:
-    """Merge the adapter into its base and write a standard Hugging Face folder (model + tokenizer).
-
-    Written into a temp folder beside `out_dir` and renamed into place; an existing non-empty
-    `out_dir` is refused rather than overwritten.
-    """
-    import tempfile
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise DlmError(f"{out_dir} exists and is not empty", "choose a new folder for the export", str(out_dir))
-    model, tokenizer = load_trained(adapter_dir, base_folder, trust_remote_code=trust_remote_code, dtype=dtype,
-                                    device="cpu")  # written to disk anyway; keeps GPU memory free
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -510,8 +400,12 @@ def _progress_callback(state_box: dict, log_path: Path, on_step: OnStep | None, 
 
 @contextmanager
 def quiet_progress() -> Iterator[None]:
-    """Switch off the libraries' own tqdm bars (weights loading, dataset mapping) for a block:
-    render.py draws dlm's progress, and stray bars would tear through it."""
+    """Switch off the libraries' own tqdm bars (weights loading, dataset mapping) and their
+    deprecation chatter for a block: render.py draws dlm's progress, and stray output would tear
+    through it. (bitsandbytes logs a warning about an optional CPU kernel package on import; the
+    4-bit path works without it.)"""
+    import warnings
+
     import datasets
     from transformers.utils import logging as hf_logging
 
@@ -519,7 +413,10 @@ def quiet_progress() -> Iterator[None]:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
     finally:
         if bars[0]:
             hf_logging.enable_progress_bar()
@@ -567,6 +464,8 @@ def run(plan: Plan, train_examples: Sequence[Example], heldout_examples: Sequenc
     from peft import LoraConfig
     from transformers import PrinterCallback, ProgressCallback, set_seed
     from trl import SFTTrainer
+
+    from dlm.infer import eval_loss
 
     emit: OnEvent = on_event or (lambda kind, data: None)
     out_dir = Path(out_dir)

@@ -102,7 +102,7 @@ def test_adapter_trains_saves_reloads_and_merges(base: Path, tmp_path: Path, ada
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dlm import train
+    from dlm import infer, train
 
     tr, held = _examples()
     plan = make_test_plan(base, tr, held, adapter=adapter, max_steps=3)
@@ -141,17 +141,17 @@ def test_adapter_trains_saves_reloads_and_merges(base: Path, tmp_path: Path, ada
     base_only = _logits(AutoModelForCausalLM.from_pretrained(str(base)).eval(), ids)
     assert (before_merge - base_only).abs().max() > 1e-6  # the adapter does change the outputs
 
-    merged = train.merge_for_inference(reloaded)
+    merged = infer.merge_for_inference(reloaded)
     assert not hasattr(merged, "peft_config")
     assert (_logits(merged, ids) - before_merge).abs().max().item() < 1e-4
 
     # export: a standard HF folder that reloads with the merged logits and a distinct pad token
-    out = train.export_merged(adapter_dir, base, tmp_path / "export")
+    out = infer.export_merged(adapter_dir, base, tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert (_logits(exported, ids) - before_merge).abs().max().item() < 1e-4
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.pad_token != tok.eos_token
-    text = train.generate(merged, tok, "What is a decorator?", SYSTEM, max_new_tokens=4)
+    text = infer.generate(merged, tok, "What is a decorator?", SYSTEM, max_new_tokens=4)
     assert isinstance(text, str)
 
 

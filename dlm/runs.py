@@ -1,0 +1,229 @@
+"""A document's runs, end to end: plan -> lock the store -> train -> commit a version; and the current adapter.
+
+The glue between `prepare` (pure), `train` / `infer` (heavy) and `store` (files), shared by
+`dlm train`, `dlm prompt`, `dlm show`, `dlm export` and `dlm compare`, so they all agree on which
+adapter is current and whether it is stale. Prints nothing: callers pass `on_plan`, `on_step` and
+`on_event` and draw with `render.py`.
+
+Policy (docs/cli.md, "train"):
+- a blocked plan never trains (RunError, exit 1; `dlm doctor FILE` shows why);
+- `--resume` continues the newest interrupted run of the same document text from its newest
+  checkpoint; a changed document cannot resume (its checkpoint trained on other rows);
+- with neither `--resume` nor `--fresh`, an interrupted run of the same text is not thrown away
+  silently: the command stops and asks for one of the two;
+- only a finished, finite adapter becomes a version; the `adapter` pointer moves after that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dlm.errors import DlmError, RunError
+from dlm.hardware import HardwareFacts
+from dlm.prepare import Prepared, prepare
+from dlm.store import Store, open_store, verify
+
+
+@dataclass(frozen=True)
+class Outcome:
+    prepared: Prepared
+    store: Store
+    run_id: str
+    version: str | None  # the committed version (status ok), else None
+    summary: Any  # train.RunSummary
+    resumed_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Current:
+    prepared: Prepared
+    store: Store
+    version_dir: Path  # checksums verified
+    summary: dict[str, Any]
+    stale: bool  # the document's text changed since this version's run
+
+
+def rank() -> int:
+    """This process's rank under torchrun / accelerate (0 when alone)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def doc_sha256(prepared: Prepared) -> str:
+    return hashlib.sha256(prepared.doc.text.encode("utf-8")).hexdigest()
+
+
+def corpus_sha256(prepared: Prepared) -> str:
+    """One hash of every example (train and held-out) and the split: twins that differ only in
+    their frontmatter's knobs hash alike; another corpus, system prompt or split does not."""
+    h = hashlib.sha256()
+    for part, exs in (("train", prepared.train), ("heldout", prepared.heldout)):
+        for ex in sorted(exs, key=lambda e: e.id):
+            h.update(json.dumps([part, ex.kind, ex.text, ex.prompt, ex.completion, ex.rejected, ex.system],
+                                ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _resumable(store: Store, sha: str) -> tuple[dict[str, Any], Path] | None:
+    """(run record, checkpoint) of the newest unfinished run, when it trained on this very text."""
+    ckpt = store.latest_checkpoint()
+    if ckpt is None:
+        return None
+    record = store.run(ckpt.parent.parent.name)
+    return (record, ckpt) if record.get("doc_sha256") == sha else None
+
+
+def train_document(
+    path: str | Path,
+    home: Path,
+    hardware: HardwareFacts,
+    *,
+    max_steps: int | None = None,
+    resume: bool = False,
+    fresh: bool = False,
+    on_plan: Callable[[Prepared], None] | None = None,
+    on_step: Callable[..., None] | None = None,
+    on_event: Callable[[str, dict], None] | None = None,
+) -> Outcome:
+    """Train one document into a new version of its store. Raises DlmError / RunError, never half-commits."""
+    from dlm import bases, train
+    from dlm.hardware import package_versions
+
+    if resume and fresh:
+        raise DlmError("--resume and --fresh contradict each other", "pass one of them")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    prepared = prepare(path, hardware, world_size=world, max_steps=max_steps)
+    plan, spec = prepared.plan, prepared.spec
+    if plan.blocked:
+        codes = ", ".join(f.code for f in plan.findings if f.level == "block")
+        raise RunError(f"the plan is blocked ({codes}); nothing was trained",
+                       f"`dlm doctor {path}` shows each finding and its fix", prepared.doc.path)
+    if on_plan is not None:
+        on_plan(prepared)
+    store = open_store(home, spec.dlm_id, Path(prepared.doc.path), spec.base_model)
+    sha = doc_sha256(prepared)
+    with store.lock():
+        found = _resumable(store, sha)
+        if resume and found is None:
+            raise DlmError("there is no interrupted run of this document text to resume",
+                           "train without --resume (a changed document starts over)", prepared.doc.path)
+        if found is not None and not resume and not fresh:
+            record, ckpt = found
+            raise DlmError(f"run {record['run']} of this document stopped at {ckpt.name} without finishing",
+                           "pass --resume to continue it, or --fresh to start over", prepared.doc.path)
+        resume_from = found[1] if resume and found else None
+        run_id = store.begin_run(sha, spec.training.seed, package_versions())
+        out_dir = store.run_dir(run_id)
+        if resume_from is not None:  # the new run continues the old one's log from its checkpoint
+            old_log = resume_from.parent.parent / "log.jsonl"
+            if old_log.is_file():
+                shutil.copyfile(old_log, out_dir / "log.jsonl")
+        try:
+            base_folder = bases.materialize(prepared.base, home)
+            summary = train.run(plan, prepared.train, prepared.heldout, base_folder, out_dir,
+                                trust_remote_code=spec.trust_remote_code, resume_from=resume_from,
+                                on_step=on_step, on_event=on_event)
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            store.end_run(run_id, status, message=f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        metrics = _metrics(summary)
+        version = None
+        if summary.status == "ok":
+            adapter = Path(summary.adapter_dir)
+            extra = {"run": run_id, "adapter_bytes": sum(p.stat().st_size for p in adapter.glob("*.safetensors")),
+                     "doc_sha256": sha, "corpus_sha256": corpus_sha256(prepared), "source": prepared.doc.path,
+                     "resumed_from": str(resume_from) if resume_from else None}
+            body = {k: v for k, v in summary.to_json().items() if k != "log_history"}
+            documents = {"spec": spec.model_dump(mode="json"), "plan": plan.to_json(),
+                         "hardware": hardware.to_json(), "summary": {**body, **extra}}
+            try:
+                version = store.commit_version(run_id, adapter, {**metrics, "adapter_bytes": extra["adapter_bytes"]},
+                                               documents)
+            except BaseException as exc:
+                store.end_run(run_id, "failed", metrics, f"saving the version failed: {exc}"[:500])
+                raise
+            _prune_checkpoints(out_dir)
+        store.end_run(run_id, summary.status, metrics, summary.message or None)
+    if summary.status == "failed":
+        kept = store.current_version()
+        raise RunError(f"the run failed: {summary.message}",
+                       f"the current adapter is unchanged ({kept.name if kept else 'none yet'}); "
+                       "lower training.learning_rate, or check the data", prepared.doc.path)
+    return Outcome(prepared, store, run_id, version, summary, str(resume_from) if resume_from else None)
+
+
+def _metrics(summary: Any) -> dict[str, Any]:
+    keys = ("steps", "max_steps", "train_loss", "eval_loss", "base_eval_loss", "seconds", "steady_step_seconds",
+            "tokens_seen", "peak_memory_bytes", "trainable_params", "total_params")
+    return {k: getattr(summary, k) for k in keys}
+
+
+def _prune_checkpoints(out_dir: Path) -> None:
+    """A committed run needs no checkpoints (resume only continues unfinished runs): free the disk."""
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+
+
+def current(path: str | Path, home: Path, hardware: HardwareFacts | None = None) -> Current:
+    """The document's current adapter, verified against its recorded checksums, and its summary."""
+    from dlm.hardware import probe_light
+
+    prepared = prepare(path, hardware or probe_light(), purpose="inspect")
+    spec = prepared.spec
+    store = open_store(home, spec.dlm_id, Path(prepared.doc.path), spec.base_model, readonly=True)
+    folder = store.current_version()
+    if folder is None:
+        raise RunError(f"{prepared.doc.path} has no trained adapter yet", f"run `dlm train {path}` first",
+                       prepared.doc.path)
+    verify(folder)
+    try:
+        summary = json.loads((folder / "summary.json").read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{folder / 'summary.json'} cannot be read ({exc})",
+                       "train again to write a fresh version", str(folder)) from None
+    return Current(prepared, store, folder, summary, summary.get("doc_sha256") != doc_sha256(prepared))
+
+
+def describe(path: str | Path, home: Path) -> dict[str, Any]:
+    """`dlm show`: the store as data (JSON-ready). A damaged current version is reported, not loaded."""
+    from dlm.hardware import probe_light
+
+    prepared = prepare(path, probe_light(), purpose="prompt")
+    spec = prepared.spec
+    store = open_store(home, spec.dlm_id, Path(prepared.doc.path), spec.base_model, readonly=True)
+    manifest = store.load_manifest()  # a fresh one when nothing was trained yet
+    folder, damage = None, None
+    try:
+        folder = store.current_version()
+        if folder is not None:
+            verify(folder)
+    except RunError as exc:
+        damage = exc.render()
+    versions = []
+    for v in store.versions():
+        try:
+            summary = json.loads((v / "summary.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            summary = {}
+        versions.append({"version": v.name, "path": str(v), "run": summary.get("run"),
+                         "doc_sha256": summary.get("doc_sha256"),
+                         "bytes": sum(p.stat().st_size for p in v.rglob("*") if p.is_file())})
+    current_summary = next((v for v in versions if folder is not None and v["version"] == folder.name), None)
+    return {
+        "dlm_show": 1,
+        "dlm_id": spec.dlm_id,
+        "source": prepared.doc.path,
+        "base": spec.base_model,
+        "store": str(store.root),
+        "current": folder.name if folder is not None else None,
+        "stale": bool(current_summary and current_summary["doc_sha256"] != doc_sha256(prepared)),
+        "damaged": damage,
+        "versions": versions,
+        "runs": manifest["runs"],
+    }
