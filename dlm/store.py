@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from dlm.errors import DlmError, RunError
+from dlm.fsutil import atomic_write
 
 STORE_FORMAT = 1  # bumped only with a migration; a newer store is refused, never half-read
 MANIFEST, POINTER, CHECKSUMS = "manifest.json", "adapter", "files.json"
@@ -54,18 +54,8 @@ def now_iso() -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Readers see the old file or the new one, never half of either: temp beside it, fsync, rename."""
-    text = json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers see the old file or the new one, never half of either (strict JSON: no NaN)."""
+    atomic_write(path, json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     _fsync_dir(path.parent)
 
 
