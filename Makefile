@@ -39,5 +39,18 @@ demo: setup
 	$(BIN)/dlm show configs/tutor.dlm
 	$(BIN)/dlm prompt configs/tutor.dlm "What does the yield keyword do?"
 
+# The twin comparison CI runs: LoRA and DoRA twins trained on the embedded base (each in its own
+# process, so peak memory is each run's own), then compared; the report's shape and numbers are
+# checked, never which side wins. About 3-4 minutes on 2 CPU cores.
+TWIN_OUT := $(DLM_HOME)/twin
+twin: setup
+	mkdir -p $(TWIN_OUT)
+	$(BIN)/dlm train configs/corpus-lora.dlm --fresh
+	$(BIN)/dlm train configs/corpus-dora.dlm --fresh
+	$(BIN)/dlm compare configs/corpus-lora.dlm configs/corpus-dora.dlm --plot $(TWIN_OUT)/twin.png
+	$(BIN)/dlm compare configs/corpus-lora.dlm configs/corpus-dora.dlm --json > $(TWIN_OUT)/twin.json
+	cat $(TWIN_OUT)/twin.json
+	$(BIN)/python bench/twin_check.py $(TWIN_OUT)/twin.json $(TWIN_OUT)/twin.png
+
 clean:
 	rm -rf $(VENV) .dlm-home .pytest_cache
