@@ -54,3 +54,8 @@ twin: setup
 
 clean:
 	rm -rf $(VENV) .dlm-home .pytest_cache
+
+# dlm vs a plain PEFT + TRL script on one document: LoRA/DoRA x dropout 0/0.05, one process per run
+# (~25 min on 2 CPU cores, offline). Prints the ratio table; writes docs/performance.md and .png.
+bench: setup
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)

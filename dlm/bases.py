@@ -246,11 +246,19 @@ def resolve(name: str, doc_dir: str | Path = ".") -> BaseFacts:
     path = Path(name).expanduser()
     if not path.is_absolute():
         path = Path(doc_dir) / path
+    # A name longer than the file system allows (ENAMETOOLONG), or one the OS cannot encode, makes
+    # is_file()/is_dir() raise instead of answering False: it is bad input, not a bug.
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except (OSError, ValueError) as exc:
+        raise DlmError(f"base_model cannot be a path here: {getattr(exc, 'strerror', None) or exc}",
+                       f"use an alias ({', '.join(ALIASES)}), a Hugging Face id (org/name), a local folder or "
+                       "a .gguf file") from None
     if name.endswith(".gguf"):
-        if not path.is_file():
+        if not is_file:
             raise DlmError(f"base_model file not found: {path}", "give the path relative to the document", None)
         return _from_gguf(name, path)
-    if path.is_dir():
+    if is_dir:
         return _from_folder(name, "folder", path)
     if _HUB_ID.match(name):
         snap = cached_snapshot(name)

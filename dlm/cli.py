@@ -65,27 +65,47 @@ def _hardware(fixture: Optional[Path]):
         raise DlmError(f"cannot read hardware file: {exc}", "pass a file written by `dlm doctor --json` (its hardware object)", str(fixture)) from None
 
 
+def _probed(files: Optional[list[Path]], steps: int, hardware_file: Optional[Path]):
+    """`doctor --probe N`: this machine, probed as `dlm train` probes it; each file measured in turn."""
+    from dlm import hardware
+    from dlm.probe import probe_file
+
+    if not files or hardware_file is not None:
+        raise DlmError("--probe trains a few steps of a document on this machine", "pass a file, and no --hardware")
+    hw = hardware.probe()
+    if State.verbosity >= 0:
+        err.print(f"probing: {steps} training steps per file (nothing is saved)...", highlight=False)
+    return hw, [probe_file(f, hw, State.home, steps) for f in files]
+
+
 @app.command()
 def doctor(
     files: Annotated[Optional[list[Path]], typer.Argument(help="Documents (.dlm) or specs (.yaml) to plan.", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Stable JSON (docs/cli.md) instead of tables.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on any warning, not only on a block.")] = False,
     hardware_file: Annotated[Optional[Path], typer.Option("--hardware", help="Plan for another machine: a HardwareFacts JSON file.")] = None,
+    probe: Annotated[Optional[int], typer.Option("--probe", min=3, help="Train N real steps (nothing is saved) and show measured step time, total and peak memory instead of estimates.")] = None,
 ) -> None:
     """Report the environment, or audit each document's plan before any weights load."""
     from dlm.doctor import diagnose, environment_report
 
-    hw = _hardware(hardware_file)
+    if probe is not None:
+        hw, results = _probed(files, probe, hardware_file)
+    else:
+        hw = _hardware(hardware_file)
     if not files:
         report = environment_report(hw, State.home)
         render.as_json(out, report) if json_out else render.environment(out, report)
         return
-    results = [diagnose(f, hw) for f in files]
+    if probe is None:
+        results = [diagnose(f, hw) for f in files]
     if json_out:
         render.as_json(out, {"dlm": __version__, "hardware": hw.to_json(), "files": [r.to_json() for r in results]})
     else:
         for r in results:
             render.plan(out, r.path, r.plan, r.base, hw, r.corpus)
+            if r.probe is not None:
+                render.probe(out, r.probe)
     blocked = any(r.plan.blocked for r in results)
     warned = any(f.level == "warn" for r in results for f in r.plan.findings)
     raise typer.Exit(1 if blocked or (strict and warned) else 0)
@@ -284,6 +304,28 @@ def compare(
         comparison_png(result, plot)
         err.print(f"plot: {escape(str(plot))}", highlight=False) if State.verbosity >= 0 else None
     raise typer.Exit(1 if gate and not result.verdict.b_pays else 0)
+
+
+@app.command()
+def bench(
+    file: Annotated[Path, typer.Argument(help="The document whose rows, rank, sequence length and batch every run uses.")],
+    steps: Annotated[Optional[int], typer.Option("--steps", min=5, help="Optimizer steps per run (default 32).")] = None,
+    md: Annotated[Optional[Path], typer.Option("--md", help="Also write the Markdown report (docs/performance.md).")] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", help="Also draw the chart into this PNG.")] = None,
+) -> None:
+    """Time dlm against a plain PEFT + TRL script on FILE: LoRA/DoRA x dropout 0/0.05, a process per run (~25 min on 2 cores)."""
+    import time
+
+    from dlm import bench as benching
+    from dlm.hardware import probe_light
+    from dlm.prepare import prepare
+
+    prepare(file, probe_light())  # a bad document fails now, not after minutes of runs
+    log_dir = State.home / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    report = benching.run(file, State.home, steps=steps or benching.DEFAULT_STEPS, md=md, png=png, log_dir=log_dir,
+                          command=f"dlm bench {file}", on_line=lambda s: out.print(escape(s), highlight=False))
+    out.print(escape(benching.ratio_table(report["summary"])), highlight=False)
+    out.print(f"raw figures and worker logs: {escape(str(log_dir))}", highlight=False)
 
 
 # typer >= 0.29 vendors click; find its exception base through a public class either way.

@@ -186,8 +186,12 @@ def config_diff(spec_a: Mapping[str, Any], spec_b: Mapping[str, Any], plan_a: Ma
         decisions = [{d["key"]: d["value"] for d in p.get("decisions", [])} for p in (plan_a, plan_b)]
         # A decision that only echoes a spec difference (plan.adapter = training.adapter) is noise.
         echoed = {(d.key.split(".")[-1], json.dumps(d.a), json.dumps(d.b)) for d in found}
+        # A decision only one side makes (plan.dora_dropout for the DoRA twin) follows from a spec
+        # difference already listed; only a decision both sides made differently is a confound.
         found += [d for d in _diff(decisions[0], decisions[1], "plan", "plan")
-                  if (d.key.split(".")[-1], json.dumps(d.a), json.dumps(d.b)) not in echoed]
+                  if (d.key.split(".")[-1], json.dumps(d.a), json.dumps(d.b)) not in echoed
+                  and not (found and (d.key.split(".")[-1] not in decisions[0]
+                                      or d.key.split(".")[-1] not in decisions[1]))]
     if hardware_a is not None and hardware_b is not None:
         pick = [{k: h.get(k) for k in HARDWARE_KEYS if k in h} for h in (hardware_a, hardware_b)]
         found += _diff(pick[0], pick[1], "hardware", "hardware")

@@ -254,8 +254,11 @@ class _Yaml:
             value = self.scalars.construct_object(node)
         except yaml.YAMLError as exc:  # an unknown tag such as !!python/object
             raise self.from_yaml_error(exc) from None
-        except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date like 2001-13-45
-            raise self.error(f"cannot read the value {node.value!r}: {exc}", "quote it to keep it as text", node.start_mark) from None
+        except (ValueError, TypeError, OverflowError, KeyError, AttributeError, IndexError) as exc:
+            # e.g. a date like 2001-13-45, or an explicit tag PyYAML's constructor cannot honour:
+            # `!!bool maybe` (KeyError), `!!timestamp x` (AttributeError); found by tests/test_fuzz.py
+            raise self.error(f"cannot read the value {node.value!r} as {node.tag.rsplit(':', 1)[-1]}",
+                             "quote it to keep it as text, or remove the !! tag", node.start_mark) from None
         # Found by tests/test_fuzz.py: a double-quoted "\ud800" escape builds a lone surrogate, which
         # check_text never sees (the file itself is valid UTF-8) and which crashed later, in hashing,
         # path handling or printing, with UnicodeEncodeError. PyYAML also leaves a JSON-style pair

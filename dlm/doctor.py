@@ -24,9 +24,10 @@ class Diagnosis:
     base: BaseFacts
     corpus: CorpusStats
     plan: Plan
+    probe: dict[str, Any] | None = None  # `doctor --probe N`: what was measured, beside the estimates it replaced
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "path": self.path,
             "dlm_id": self.dlm_id,
             "base": self.base.to_json(),
@@ -34,12 +35,17 @@ class Diagnosis:
             "plan": self.plan.to_json(),
             "blocked": self.plan.blocked,
         }
+        if self.probe is not None:
+            data["probe"] = self.probe
+        return data
 
 
 def diagnose(path: Path, hardware: HardwareFacts) -> Diagnosis:
+    from dlm.hardware import launch_env
     from dlm.prepare import prepare
 
-    p = prepare(path, hardware)
+    world, sharding = launch_env()  # as `dlm train` would plan under the same launcher (docs/scaling.md)
+    p = prepare(path, hardware, world_size=world, sharding=sharding)
     return Diagnosis(str(path), p.spec.dlm_id, p.base, p.corpus, p.plan)
 
 
@@ -86,7 +92,14 @@ def make_twin(file: Path, sets: list[str], output: Path | None) -> Path:
     text = twin(doc.text, doc, new_id(), overrides)
     if output is None:
         label = "-".join(str(v) for _, v in overrides) or "twin"
-        output = file.with_name(f"{file.stem}-{label}{file.suffix}")
+        name = f"{file.stem}-{label}{file.suffix}"
+        # The default name carries the override's value: `base_model=org/name` or a long
+        # system_prompt cannot be one file name (a '/' names a folder; most systems stop at 255 bytes).
+        if any(c in name for c in "/\\\0") or len(name.encode("utf-8", "surrogatepass")) > 255 or name.strip() != name:
+            raise DlmError(f"the value {label[:60]!r}{'...' if len(label) > 60 else ''} cannot be part of a file name",
+                           f"pass the twin's file name with -o, e.g. `dlm twin {file} --set ... -o {file.stem}-twin{file.suffix}`",
+                           str(file))
+        output = file.with_name(name)
     checked = parse_doc(text, str(output))
     parse_spec(checked.frontmatter, checked.positions, str(output))
     write_new(output, text)

@@ -24,7 +24,7 @@ regulariser.
 
 Mechanism: PEFT's `lora.Linear.forward` delegates DoRA to a per-layer, per-adapter variant object
 (`module.lora_variant[name]`, a `DoraLinearVariant` instance). We shadow that one object's static
-`forward` with `_branch_forward` (an instance attribute), nothing else: no class is patched, parameter
+`forward` with `_branch_forward` or `_factored_forward` (an instance attribute), nothing else: no class is patched, parameter
 names, state_dict, merge/unmerge and `save_pretrained` stay PEFT's, and the saved adapter is a plain
 PEFT DoRA adapter. Heavy imports live inside functions; only `dlm.train` imports this module.
 """
@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def enable_branch_dropout(model: Any) -> int:
+def enable_branch_dropout(model: Any, *, factored_norm: bool = False) -> int:
     """Put every DoRA adapter on a `peft.tuners.lora.layer.Linear` of `model` into branch mode, in place.
 
     Call it on the model that is trained (with TRL's `peft_config=`, that is `trainer.model`, after
@@ -42,6 +42,10 @@ def enable_branch_dropout(model: Any) -> int:
     the model has no DoRA Linear layer). Embedding/Conv DoRA layers and other LoRA variants are left
     to PEFT. Merged layers never reach the variant (PEFT returns the merged base output), so the
     patch is inert until they are unmerged.
+
+    `factored_norm=True` also replaces how a training step computes DoRA's row norm (see
+    `_factored_forward`): the same maths up to float rounding, without building W + s*B@A, and it
+    applies at lora_dropout 0 too. Eval mode still runs PEFT's own code.
     """
     from peft.tuners.lora.layer import Linear
     from peft.tuners.lora.variants import DoraLinearVariant
@@ -54,7 +58,8 @@ def enable_branch_dropout(model: Any) -> int:
         for variant in module.lora_variant.values():
             # exact type: subclasses of DoraLinearVariant may have their own maths
             if type(variant) is DoraLinearVariant:
-                variant.forward = _branch_forward  # shadows the staticmethod on this instance only
+                # shadows the staticmethod on this instance only
+                variant.forward = _factored_forward if factored_norm else _branch_forward
                 patched = True
         layers += patched
     return layers
@@ -91,3 +96,49 @@ def _branch_forward(module: Any, active_adapter: str, x: Any, result: Any, **kwa
         adapter_name=active_adapter,
     )
     return result + delta
+
+
+def _factored_forward(module: Any, active_adapter: str, x: Any, result: Any, **kwargs: Any) -> Any:
+    """Branch mode with DoRA's row norm from factors, and the output in one fused expression.
+
+    PEFT builds W + s*B@A (out x in) in every forward (W cast to fp32, B@A through an identity
+    matrix) and takes its row norms: several passes over every adapted weight, memory-bound work that
+    does not shrink with the batch. Expanding the square gives the same norm from small pieces:
+
+        ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T
+
+    ||W_i||^2 is constant (W is frozen: computed once per weight, cached on the layer), W A^T is a
+    skinny out x r product and A A^T is r x r. The norm stays detached, as in PEFT and the paper. The
+    layer's output, g * (Wx) + b + g * s * B A dropout(x) with g = m / n, is computed as
+    g * (Wx + s * BA dropout(x)) + b. Layers this does not cover (fan_in_fan_out, quantized or
+    non-float weights) take `_branch_forward`; eval and several active adapters take PEFT's code.
+    """
+    import torch
+
+    base = module.get_base_layer()
+    weight = getattr(base, "weight", None)
+    lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
+    if (
+        not module.training
+        or len(module.active_adapters) > 1
+        or module.fan_in_fan_out
+        or weight is None
+        or not weight.dtype.is_floating_point
+        or tuple(weight.shape) != (lora_b.weight.shape[0], lora_a.weight.shape[1])
+    ):
+        return _branch_forward(module, active_adapter, x, result, **kwargs)
+    dora = module.lora_magnitude_vector[active_adapter]
+    scale = module.scaling[active_adapter]
+    with torch.no_grad():
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        if getattr(dora, "_dlm_w2_key", None) != key:  # a plain attribute: never in the state_dict
+            dora._dlm_w2, dora._dlm_w2_key = weight.float().pow(2).sum(1), key
+        a, b = lora_a.weight.float(), lora_b.weight.float()
+        wa = (weight @ lora_a.weight.t().to(weight.dtype)).float()  # (out, r)
+        norm2 = dora._dlm_w2 + 2 * scale * (wa * b).sum(1) + scale * scale * ((b @ (a @ a.t())) * b).sum(1)
+        norm = norm2.clamp_min(0).sqrt()
+    g = (dora.weight / norm).view(1, -1)
+    lora = lora_b(lora_a(module.lora_dropout[active_adapter](x)))
+    bias = base.bias
+    out = torch.add(result - bias if bias is not None else result, lora, alpha=scale) * g
+    return out + bias if bias is not None else out

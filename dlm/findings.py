@@ -52,6 +52,7 @@ class Derived:
     missing_targets: tuple[str, ...]
     checkpointing: bool = False
     purpose: str = "train"
+    sharding: str = "none"  # none | fsdp | zero0..zero3
 
 
 def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived) -> tuple[Finding, ...]:
@@ -91,6 +92,17 @@ def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats,
             "accumulation and DDP with it, and it would save nothing there (transformers #29732)",
             "set grad_accum: 1 and train in one process, or use optimizer: galore_adamw",
             tag, grad_accum=d.grad_accum, world_size=d.world_size)
+    if galore and d.sharding != "none":
+        add("block", "galore-sharded",
+            f"GaLore projects each weight's whole 2-D gradient, but {d.sharding} flattens and shards parameters "
+            "across processes: GaLore does not run under FSDP or DeepSpeed ZeRO (GaLore #2, #23)",
+            "train with plain DDP (torchrun / accelerate launch --multi_gpu), or use optimizer: adamw_torch",
+            d.sharding, optimizer=t.optimizer, sharding=d.sharding)
+    if d.world_size > 1 and hw.device == "mps":
+        add("block", "multi-process-mps",
+            f"{d.world_size} processes on Apple MPS: torch.distributed has no backend for MPS tensors",
+            "train in one process on a Mac (plain `dlm train`)",
+            f"world_size={d.world_size}", world_size=d.world_size, device=hw.device)
     if d.missing_targets:
         add("block", "target-module-missing",
             f"target_modules {list(d.missing_targets)} match no linear layer of {base.name} "
@@ -116,11 +128,13 @@ def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats,
             "(Pythia-160M 14.1 -> 23.6 s at the same 3.44 GB, litgpt #1192)",
             "use optimizer: adamw_torch", f"{base.params_label}<1B",
             n_params=base.n_params, threshold=GALORE_MIN_PARAMS)
-    if dora and t.lora_dropout > 0:
+    if dora and t.lora_dropout > 0 and t.dora_dropout == "input":  # only when PEFT's slow path is taken
         add("warn", "dora-with-dropout",
-            f"DoRA with lora_dropout {t.lora_dropout:g}: PEFT reuses the base output only at dropout 0, so every "
-            "adapted layer pays a second base matmul (measured here: 5.1 vs 3.9 s/step, x1.3)",
-            "set lora_dropout: 0.0 (the default)", f"{t.lora_dropout:g}", lora_dropout=t.lora_dropout)
+            f"DoRA with lora_dropout {t.lora_dropout:g} and dora_dropout: input: PEFT reuses the base output only at "
+            "dropout 0, so every adapted layer pays a second base matmul (measured here: 5.1 vs 3.9 s/step, x1.3)",
+            "set dora_dropout: branch (dropout on the low-rank branch only, base output reused, as torchtune "
+            "and mlx-lm do; the saved adapter is the same standard PEFT DoRA adapter), or lora_dropout: 0.0", f"{t.lora_dropout:g}",
+            lora_dropout=t.lora_dropout, dora_dropout=t.dora_dropout)
     if d.precision == "bf16" and hw.device == "cpu" and not hw.native_bf16:
         add("warn", "bf16-emulated-cpu",
             "precision bf16 on a CPU without amx_bf16 / avx512_bf16 is emulated: a step ran ~14x slower than "

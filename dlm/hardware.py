@@ -12,6 +12,7 @@ import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 Device = Literal["cpu", "cuda", "mps"]
@@ -38,11 +39,32 @@ class HardwareFacts:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HardwareFacts:
+        """Build from JSON, checking every value's type: a hand-edited `--hardware` file with
+        `"memory_bytes": "lots"` must be refused here (ValueError), not crash the planner later."""
+        if not isinstance(data, dict):
+            raise ValueError("the hardware file must hold a JSON object")
         data = dict(data)
         cc = data.get("compute_capability")
+        if cc is not None and not (isinstance(cc, (list, tuple)) and len(cc) == 2 and all(_is_int(x) for x in cc)):
+            raise ValueError(f"compute_capability must be null or [major, minor] (got {cc!r})")
         data["compute_capability"] = tuple(cc) if cc else None
-        data["cpu_flags"] = tuple(data.get("cpu_flags") or ())
+        flags = data.get("cpu_flags") or ()
+        if not (isinstance(flags, (list, tuple)) and all(isinstance(f, str) for f in flags)):
+            raise ValueError(f"cpu_flags must be a list of strings (got {flags!r})")
+        data["cpu_flags"] = tuple(flags)
+        checks = {"device": lambda v: v in ("cpu", "cuda", "mps"), "name": lambda v: isinstance(v, str),
+                  "memory_bytes": lambda v: _is_int(v) and v >= 0, "cores": lambda v: _is_int(v) and v >= 1,
+                  "device_count": lambda v: _is_int(v) and v >= 1, "native_bf16": lambda v: isinstance(v, bool),
+                  "bitsandbytes": lambda v: isinstance(v, bool),
+                  "torch_version": lambda v: v is None or isinstance(v, str)}
+        for key, ok in checks.items():
+            if key in data and not ok(data[key]):
+                raise ValueError(f"{key} has the wrong type or value ({data[key]!r})")
         return cls(**data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_fixture(path: str | Path) -> HardwareFacts:
@@ -153,6 +175,26 @@ def _nvidia_smi() -> HardwareFacts | None:
         native_bf16=(major, minor) >= (8, 0),
         bitsandbytes=_bitsandbytes_ok(),
     )
+
+
+def launch_env(env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """(world size, sharding) as a launcher set them: torchrun and `accelerate launch` export
+    WORLD_SIZE to every process; `accelerate launch --use_fsdp` / `--use_deepspeed` add their own
+    variables, which the Trainer's Accelerator reads too. Sharding is none | fsdp | zero0..zero3.
+    Set them by hand to plan a launch in advance (`WORLD_SIZE=8 dlm doctor FILE`)."""
+    env = os.environ if env is None else env
+    try:
+        world = max(1, int(env.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        world = 1
+    sharding = "none"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        sharding = "fsdp"
+    elif env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2").strip()
+        # Even stage 0 counts: DeepSpeed's own optimizer wrapper flattens parameters (GaLore #2).
+        sharding = f"zero{stage}" if stage in ("0", "1", "2", "3") else "zero2"
+    return world, sharding
 
 
 def probe_light() -> HardwareFacts:

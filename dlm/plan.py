@@ -80,6 +80,10 @@ class Plan:
     estimates: Estimates
     reason: str
     world_size: int = 1
+    # Settings train.py applies itself (no library takes them as kwargs): {"dora_dropout": "branch",
+    # "dora_norm": "factored"} puts PEFT's DoRA layers on dlm's training forward (dlm/dora_fast.py).
+    runtime_kwargs: dict[str, Any] = field(default_factory=dict)
+    sharding: str = "none"  # none (one process or DDP) | fsdp | zero0..zero3 (DeepSpeed), from the launcher
 
     @property
     def blocked(self) -> bool:
@@ -184,7 +188,7 @@ def _step_seconds(hw: HardwareFacts, base: BaseFacts, spec: Spec, precision: str
     flops = 4 * n_eff * tokens + 6 * ad.params * tokens  # frozen base: forward + input gradients only
     if t.adapter == "dora":
         flops += accum * 6 * t.lora_r * ad.adapted  # weight norm of W + s*BA, every forward
-        if t.lora_dropout > 0:
+        if t.lora_dropout > 0 and t.dora_dropout == "input":
             flops += 4 * ad.adapted * tokens  # PEFT's slow path: a second base matmul on the dropped input
     seconds = flops / _flops_rate(hw, precision)
     if t.lora_dropout > 0 and hw.device == "cpu":
@@ -215,12 +219,34 @@ def _precision(choice: str, hw: HardwareFacts) -> tuple[str, str]:
                     "96 vs 7 s measured), so fp32")
 
 
+def _dora_dropout_why(mode: str, dropout: float, given: bool) -> str:
+    src = "spec" if given else "default"
+    norm = ("; the row norm ||W + sBA|| from factors (||W||^2 cached, W A^T, A A^T) instead of building W + sBA "
+            "each forward: DoRA/LoRA x1.08 vs x1.17 per step measured; the adapter saved is a plain PEFT DoRA adapter")
+    if dropout == 0:
+        return f"{src}: no dropout to place (PEFT already reuses the base output)" + norm
+    if mode == "branch":
+        return (f"{src}: lora_dropout {dropout:g} on the low-rank branch only, base output reused (torchtune, mlx-lm): "
+                "no second base matmul per adapted layer" + norm)
+    return (f"{src}: PEFT's form, dropout on DoRA's whole input: each adapted layer runs its base matmul a second "
+            "time (DoRA/LoRA x1.25 vs x1.15 for branch, measured on a SmolLM2-shaped model)")
+
+
+def _packing_why(packing: bool, given: bool, padding: float) -> str:
+    src = "spec" if given else "default"
+    if packing:
+        return (f"{src}: TRL's bfd packing, padding-free: rows share sequence_len bins, position_ids restart per row "
+                "and sdpa masks block-diagonally, so rows never attend to each other (tests/test_train.py)")
+    return (f"{src}: each batch pads to its longest row (~{padding:.0%} of a step's row slots estimated as "
+            "padding); packing: true removes that but did not raise tokens/s on a 2-core CPU (docs/performance.md)")
+
+
 def _bounded_pow2(cap: int) -> list[int]:
     return sorted({cap} | {2**k for k in range(cap.bit_length()) if 2**k <= cap}, reverse=True)
 
 
 def make_plan(spec: Spec, hardware: HardwareFacts, base: BaseFacts, corpus: CorpusStats, *, world_size: int = 1,
-              purpose: Purpose = "train") -> Plan:
+              purpose: Purpose = "train", sharding: str = "none") -> Plan:
     """Decide every knob for `spec` on `hardware`; see docs/doctor.md for each decision and finding."""
     hw, t, given = hardware, spec.training, spec.training.model_fields_set
     world = max(1, world_size)
@@ -236,6 +262,8 @@ def make_plan(spec: Spec, hardware: HardwareFacts, base: BaseFacts, corpus: Corp
     qlora, dora = t.adapter == "qlora", t.adapter == "dora"
     decide("adapter", t.adapter, ("spec" if "adapter" in given else "default") + f": use_dora={dora}" +
            (", base loaded in 4-bit nf4" if qlora else ""))
+    if dora:
+        decide("dora_dropout", t.dora_dropout, _dora_dropout_why(t.dora_dropout, t.lora_dropout, "dora_dropout" in given))
     decide("qlora", "on" if qlora else "off", "adapter: qlora (nf4, double quantisation, compute in the chosen "
            "precision)" if qlora else f"adapter: {t.adapter}: the base loads in {precision}")
 
@@ -297,6 +325,10 @@ def make_plan(spec: Spec, hardware: HardwareFacts, base: BaseFacts, corpus: Corp
         "galore_adamw_layerwise supports no accumulation" if layerwise else
         f"auto: effective batch {target_eff} rows (8, or 16 from 1024 rows; never more than the {n_rows} rows)"))
     decide("effective_batch", micro * accum * world, f"{micro} micro x {accum} accum x {world} process(es)")
+    if world > 1 or sharding != "none":
+        decide("processes", f"{world} x {'ddp' if sharding == 'none' else sharding}",
+               "from the launcher (WORLD_SIZE; accelerate's FSDP / DeepSpeed settings): every process trains a "
+               "micro batch of its own, rank 0 alone writes the store (docs/scaling.md)")
     no_ckpt = peak(micro, False)
     if t.gradient_checkpointing != "auto":
         ck_why = f"spec: {t.gradient_checkpointing}"
@@ -320,6 +352,8 @@ def make_plan(spec: Spec, hardware: HardwareFacts, base: BaseFacts, corpus: Corp
     mean = corpus.mean_tokens
     longest = min(corpus.max_tokens, seq)
     row_tokens = seq if t.packing else max(1.0, min(seq, mean + (longest - mean) * (micro - 1) / (micro + 1)))
+    padding = 0.0 if t.packing or micro == 1 else max(0.0, 1 - min(mean, row_tokens) / row_tokens)
+    decide("packing", t.packing, _packing_why(t.packing, "packing" in given, padding))
     step_s = _step_seconds(hw, base, spec, precision, ad, micro, accum, row_tokens, ckpt)
     breakdown = _memory(hw, base, t.optimizer, precision, qlora, ad, micro * mem_len, ckpt)
     estimates = Estimates(
@@ -351,6 +385,10 @@ def make_plan(spec: Spec, hardware: HardwareFacts, base: BaseFacts, corpus: Corp
     }
     if eval_steps:
         sft["eval_steps"] = eval_steps
+    if world > 1 and sharding == "none":
+        # Every adapter weight takes part in every forward, so DDP's search for unused parameters (on
+        # by default for a PEFT model) is an extra autograd traversal per step that finds nothing.
+        sft["ddp_find_unused_parameters"] = False
     if t.optimizer.startswith("galore"):
         # A str is a full-match regex (a list would substring-match the lora.Linear wrappers too and log
         # "matched but ignored" for each): exactly PEFT's `<...>.<target>.lora_A.default` / `lora_B` layers.
@@ -360,12 +398,21 @@ def make_plan(spec: Spec, hardware: HardwareFacts, base: BaseFacts, corpus: Corp
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
     quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
              "bnb_4bit_compute_dtype": dtype} if qlora else None
+    if quant and sharding in ("fsdp", "zero3"):
+        # FSDP / ZeRO-3 flatten every parameter of a unit into one buffer of one dtype: the packed 4-bit
+        # weights must be stored in the compute dtype, not uint8 (PEFT's FSDP-QLoRA and DeepSpeed guides).
+        quant["bnb_4bit_quant_storage"] = decide(
+            "bnb_4bit_quant_storage", dtype, f"{sharding} shards 4-bit weights with the rest only when they are "
+            f"stored as {dtype} (uint8 storage fails to flatten)")
     model_kwargs = {"dtype": dtype, "attn_implementation": attn, "quantization": quant}
 
     derived = Derived(precision, micro, accum, world, steps, estimates.peak_memory_bytes, budget, missing, ckpt,
-                      purpose)
+                      purpose, sharding)
     findings = collect(spec, hw, base, corpus, derived)
     head = {"precision": precision, "attn": attn, "qlora": "on" if qlora else "off", "adapter": t.adapter,
             "optim": t.optimizer}
+    # At lora_dropout 0 the two forms are the same function, so dlm's faster forward is used either way.
+    fast = dora and (t.dora_dropout == "branch" or t.lora_dropout == 0)
+    runtime = {"dora_dropout": "branch", "dora_norm": "factored"} if fast else {}
     return Plan(tuple(decisions), lora_kwargs, sft, model_kwargs, findings, estimates, reason_line(head, findings),
-                world)
+                world, runtime, sharding)

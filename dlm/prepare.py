@@ -44,11 +44,21 @@ def prepare(
     world_size: int = 1,
     max_steps: int | None = None,
     purpose: str = "train",
+    training_overrides: dict | None = None,
+    sharding: str = "none",
 ) -> Prepared:
-    """Parse, validate, resolve the base, split the corpus and plan. Raises DlmError on bad input."""
+    """Parse, validate, resolve the base, split the corpus and plan. Raises DlmError on bad input.
+
+    `training_overrides` replaces `training:` keys as if the document had written them (validated;
+    `dlm bench` uses it to plan the same document with other knobs)."""
     doc, spec = load_spec(path)
     if max_steps is not None:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"max_steps": max_steps})})
+    if training_overrides:
+        from dlm.schema import Training
+
+        written = {**spec.training.model_dump(exclude_unset=True), **training_overrides}
+        spec = spec.model_copy(update={"training": Training.model_validate(written)})
     try:
         base = bases.resolve(spec.base_model, Path(doc.path).parent)
     except DlmError as exc:
@@ -65,5 +75,5 @@ def prepare(
             doc.path, doc.body_line, 1,
         )
     stats = corpus.stats(train, heldout)
-    plan = make_plan(spec, hardware, base, stats, world_size=world_size, purpose=purpose)
+    plan = make_plan(spec, hardware, base, stats, world_size=world_size, purpose=purpose, sharding=sharding)
     return Prepared(doc, spec, base, train, heldout, stats, hardware, plan)

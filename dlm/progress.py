@@ -3,8 +3,9 @@
 Why not elapsed / steps * remaining (the HF Trainer's and tqdm's cumulative average): the first
 steps pay for allocation, compilation and first-touch costs, and evaluation or checkpoint saves
 stall the loop; a cumulative average carries all of that into every later forecast (that is how a
-2x DoRA slowdown was reported as "8x"). Here the rate is the median seconds-per-step of the recent
-steps after the warm-up, with paused intervals (evaluation, saving) taken out of each step's time.
+2x DoRA slowdown was reported as "8x"). Here the rate is the mean seconds-per-step of the recent
+steps after the warm-up, stalls left out, with paused intervals (evaluation, saving) taken out of
+each step's time.
 
     eta = EtaEstimator(total_steps=1000, warmup_steps=3)
     eta.start(t0, step=0)            # or step=500 for a resumed run
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+
+
+STALL = 5.0  # a step slower than this many times the window's median is a stall, not the rate
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,17 @@ class EtaEstimator:
     # -- answers
 
     def seconds_per_step(self) -> float | None:
-        """Median steady seconds per step over the recent window; None before a post-warm-up step."""
-        samples = [per for per, _, _ in self._intervals()]
-        return statistics.median(samples[-self.window:]) if samples else None
+        """Steady seconds per step over the recent window; None before a post-warm-up step.
+
+        The mean of the window's steps, leaving out stalls (a step over STALL x the median: a GC pause,
+        another job on the machine). Not the median: steps differ in length when batches pad to their
+        longest row, and the median of (2.5, 2.5, 0.5) would forecast 2.5 s for steps that average 1.8.
+        """
+        samples = [per for per, _, _ in self._intervals()][-self.window:]
+        if not samples:
+            return None
+        cut = STALL * statistics.median(samples)
+        return statistics.fmean([s for s in samples if s <= cut])
 
     def rate(self) -> float | None:
         """Steady steps per second."""

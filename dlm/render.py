@@ -76,6 +76,8 @@ def plan(console: Console, path: str, plan: Any, base: Any, hardware: Any, corpu
     console.print(escape(kwargs_call("LoraConfig", plan.lora_kwargs)), highlight=False, soft_wrap=True)
     console.print(escape(kwargs_call("SFTConfig", plan.sft_kwargs)), highlight=False, soft_wrap=True)
     console.print(escape(kwargs_call("from_pretrained", plan.model_kwargs)), highlight=False, soft_wrap=True)
+    if getattr(plan, "runtime_kwargs", None):  # settings train.py applies itself
+        console.print(escape(kwargs_call("runtime", plan.runtime_kwargs)), highlight=False, soft_wrap=True)
     est = plan.estimates
     label = "measured" if est.measured else "estimated"
     console.print(
@@ -86,6 +88,17 @@ def plan(console: Console, path: str, plan: Any, base: Any, hardware: Any, corpu
     )
     findings(console, plan.findings)
     console.print(escape(plan.reason), style="bold", highlight=False, soft_wrap=True)
+
+
+def probe(console: Console, p: dict[str, Any]) -> None:
+    """`doctor --probe`: what the steps measured, against the estimates they replaced."""
+    console.print(
+        f"probe: {p['steps']} steps in {duration(p['seconds'])}: {p['steady_step_seconds']:.2f} s/step "
+        f"(estimated {p['estimated_step_seconds']:.2f}, x{p['step_ratio']:.2f}), peak memory "
+        f"{gib(p['peak_memory_bytes'])} (estimated {gib(p['estimated_peak_memory_bytes'])}, x{p['memory_ratio']:.2f}), "
+        f"{p['tokens_per_second']:.0f} tokens/s",
+        highlight=False,
+    )
 
 
 def findings(console: Console, items: Any) -> None:
@@ -217,33 +230,36 @@ def store_listing(console: Console, info: dict[str, Any]) -> None:
 
 def comparison(console: Console, comp: Any) -> None:
     """`dlm compare`: base / A / B with every metric, the config differences, notes, the verdict line."""
+    from rich import box
+
     v = comp.verdict
 
     def num(x: Any, fmt: str) -> str:
         return format(x, fmt) if isinstance(x, (int, float)) and x == x else "-"
 
-    table = Table(title=f"dlm compare: {comp.heldout_examples} held-out examples of A, {comp.heldout_tokens} "
-                        f"scored tokens", title_justify="left")
-    for col, justify in (("side", "left"), ("document", "left"), ("adapter", "left"), ("held-out loss", "right"),
-                         ("perplexity", "right"), ("delta_kl", "right"), ("s/step", "right"),
-                         ("train time", "right"), ("peak mem", "right"), ("trainable", "right"),
-                         ("adapter size", "right")):
-        table.add_column(col, justify=justify, overflow="fold")
+    for s in (comp.a, comp.b):
+        console.print(f"[bold]{s.role}[/] = {escape(s.path or '')} ({s.version}, {s.adapter})"
+                      + (" [yellow]stale: the document changed since[/]" if s.stale else ""), highlight=False)
+    # Eleven columns must fit an 80-column CI log: a light box, short headers, the paths above.
+    table = Table(title=f"scored on A's {comp.heldout_examples} held-out examples ({comp.heldout_tokens} tokens); "
+                        "* = the side the verdict keeps", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 1), collapse_padding=True)
+    for col in ("side", "loss", "ppl", "delta_kl", "s/step", "train", "peak mem", "trainable", "size"):
+        table.add_column(col, justify="left" if col == "side" else "right", no_wrap=True)
     for s in comp.sides:
-        doc = "-" if s.path is None else f"{escape(s.path)} {s.version or ''}" + (" [yellow](stale)[/]" if s.stale else "")
-        mark = " *" if s.role == v.keep else ""
-        table.add_row(f"[bold]{s.role}[/]{mark}", doc, s.adapter or "-", num(s.eval_loss, ".4f"),
-                      num(s.perplexity, ".2f"), num(s.delta_kl, ".4f"), num(s.steady_step_seconds, ".3f"),
+        ppl = num(s.perplexity, ".2f" if (s.perplexity or 0) < 1000 else ".0f")
+        table.add_row(f"[bold]{s.role}[/]" + (" *" if s.role == v.keep else ""), num(s.eval_loss, ".4f"), ppl,
+                      num(s.delta_kl, ".3g"), num(s.steady_step_seconds, ".3f"),
                       duration(s.train_seconds) if s.train_seconds is not None else "-",
                       gib(s.peak_memory_bytes) if s.peak_memory_bytes else "-",
-                      f"{s.trainable_params:,}" if s.trainable_params is not None else "-",
-                      f"{s.adapter_bytes / 2**20:.2f} MiB" if s.adapter_bytes is not None else "-")
+                      _count(s.trainable_params), _size(s.adapter_bytes))
     console.print(table)
     ratios = [("step time", v.step_time_ratio), ("peak memory", v.memory_ratio), ("train time", v.train_time_ratio),
               ("trainable params", v.params_ratio), ("adapter bytes", v.adapter_bytes_ratio)]
     console.print("B / A: " + ", ".join(f"{label} x{num(r, '.2f')}" for label, r in ratios), highlight=False)
     if comp.differences:
-        diff = Table(title="configuration differences (every key that differs; dlm_id left out)", title_justify="left")
+        diff = Table(title="configuration differences (dlm_id aside)", title_justify="left", box=box.SIMPLE_HEAD,
+                     pad_edge=False)
         for col in ("key", "A", "B", "from"):
             diff.add_column(col, overflow="fold")
         for d in comp.differences:
@@ -256,3 +272,15 @@ def comparison(console: Console, comp: Any) -> None:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     style = "bold green" if v.b_pays else "bold"
     console.print(f"[{style}]verdict:[/] {escape(v.reason)}", highlight=False, soft_wrap=True)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n:,}" if n < 100_000 else f"{n / 1e6:.2f}M"

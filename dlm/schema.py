@@ -50,6 +50,10 @@ class Training(_Frozen):
     lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    dora_dropout: Literal["branch", "input"] = Field(
+        "input", description="DoRA with lora_dropout > 0: input = PEFT's form, a second base matmul per adapted "
+        "layer; branch = dropout on the low-rank branch only, base output reused (torchtune, mlx-lm)"
+    )
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         "auto", description="the linear layers that get an adapter; auto = attention projections"
     )

@@ -265,7 +265,7 @@ class Store:
                 return None
             folder = self.run_dir(run["run"]) / "checkpoints"
             done = [(int(p.name[11:]), p) for p in folder.glob("checkpoint-*")
-                    if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+                    if p.name[11:].isdigit() and _complete_checkpoint(p)]
             if done:
                 return max(done)[1]
         return None
@@ -305,21 +305,39 @@ class Store:
             leftover.unlink(missing_ok=True)
         for partial in (self.root / "versions").glob(".v*.tmp"):
             shutil.rmtree(partial, ignore_errors=True)
+        for partial in (self.root / "runs").glob("r*/.adapter.*.tmp"):  # a save cut short (train._save_adapter)
+            shutil.rmtree(partial, ignore_errors=True)
         link, pointed = self.root / POINTER, None
         if link.is_symlink() or link.is_file():
             with contextlib.suppress(RunError):  # a dangling pointer must not stop the next train fixing it
                 pointed = self.current_version()
+        manifest = self.load_manifest()
+        recorded = {r.get("version") for r in manifest["runs"]}
+        lost: dict[str, str] = {}  # version -> run: committed, but the process died before the manifest said so
+        for folder in self.versions():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                owner = json.loads((folder / CHECKSUMS).read_text("utf-8"))["run"]
+                if folder.name not in recorded and any(r["run"] == owner for r in manifest["runs"]):
+                    lost[folder.name] = owner
+        # A commit goes version folder -> pointer -> manifest. A lost version newer than the pointer
+        # died before the pointer moved: it is complete (files.json is written last), so finish the
+        # commit: verify it and point at it. An older lost one is only recorded, never made current.
+        newest = max(lost, key=lambda v: int(v[1:]), default=None)
+        if newest is not None and (pointed is None or int(newest[1:]) > int(pointed.name[1:])):
+            with contextlib.suppress(RunError, OSError):
+                verify(self.root / "versions" / newest)
+                self._point(newest)
+                pointed = self.root / "versions" / newest
 
         def fix(m: dict[str, Any]) -> None:
             for run in m["runs"]:
                 if run["status"] == "running" and run["run"] not in self._mine:  # we hold the lock: it died
                     run["status"] = "interrupted"
-            recorded = {r.get("version") for r in m["runs"]}
-            for folder in self.versions():  # committed, but the manifest update was lost
-                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                    owner = json.loads((folder / CHECKSUMS).read_text("utf-8"))["run"]
-                    if folder.name not in recorded and any(r["run"] == owner for r in m["runs"]):
-                        _find_run(m, owner)["version"] = folder.name
+            for name, owner in lost.items():
+                run = _find_run(m, owner)
+                run["version"] = name
+                if run["status"] in ("running", "interrupted"):  # it trained and saved; only end_run was lost
+                    run.update(status="ok", message=f"recorded after a restart: the process stopped after committing {name}")
             if pointed is not None:
                 m["current"] = pointed.name
             if self.source is not None:
@@ -397,8 +415,19 @@ class Store:
                     os.replace(tmp, staged)  # give the caller its adapter back
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        verify(versions / name)
-        self._point(name)
+        try:
+            verify(versions / name)
+            self._point(name)
+        except BaseException:
+            # The pointer did not move: take the version back out, so no complete-looking version
+            # that never became current is left behind (a full disk can fail the pointer's write).
+            with contextlib.suppress(OSError, RunError):
+                if self.current_version() != versions / name:  # a Ctrl-C just after the rename: keep it
+                    os.replace(versions / name, tmp)
+                    if moved:
+                        os.replace(tmp, staged)  # give the caller its adapter back
+                    shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
         def record(m: dict[str, Any]) -> None:
             run = _find_run(m, run_id)
@@ -533,6 +562,16 @@ def _claims(path: Path, dlm_id: str) -> bool:
         text = head if sep else text
     found = _DLM_ID_LINE.search(text)
     return bool(found) and found.group(1) == dlm_id
+
+
+def _complete_checkpoint(folder: Path) -> bool:
+    """A Trainer checkpoint is whole once its `trainer_state.json` (written last) parses: a process
+    killed while writing it leaves a truncated file, which must not be resumed from."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and isinstance(state.get("global_step"), int)
 
 
 def _move_or_copy(src: Path, dst: Path) -> bool:

@@ -17,8 +17,8 @@ Progress (this module prints nothing; `render.py` draws):
 - `on_step(step, max_steps, loss, tokens, elapsed_s)` after every optimizer step; `loss` is the
   latest logged training loss (None before the first log), `tokens` the tokens seen so far
   (prompt tokens included; from TRL's `num_tokens`), `elapsed_s` wall time since training began.
-- `on_event(kind, data)`: "load" / "loaded" (base), "rows" (counts), "train_begin" ({step,
-  max_steps}), "step_time" ({step, seconds, steady}: one step's compute time and the running
+- `on_event(kind, data)`: "load" / "loaded" (base), "rows" (counts), "dora_dropout" ({mode, factored_norm,
+  layers}: DoRA layers put on dlm's training forward), "train_begin" ({step, max_steps}), "step_time" ({step, seconds, steady}: one step's compute time and the running
   steady-state median), "pause" ({kind: eval|checkpoint, seconds}: time that was not training, for
   `progress.EtaEstimator.exclude`), "log" (each log entry as written to log.jsonl), "interrupt"
   ({signal}), "checkpoint" ({path, step}), "eval" ({eval_loss, base_eval_loss}), "saved"
@@ -26,11 +26,12 @@ Progress (this module prints nothing; `render.py` draws):
 - `callbacks`: extra `transformers.TrainerCallback` instances, passed to the trainer as they are.
 
 Signals: while `run` trains, SIGINT / SIGTERM ask it to stop at the next step boundary; it saves a
-checkpoint there and returns status "interrupted" (a second SIGINT aborts at once). The previous
-handlers are restored when `run` returns. `resume_from` (a checkpoint folder, or True for the
-newest in `out_dir/checkpoints/`) restores weights, optimizer, scheduler, RNG and step through the
-Trainer's `resume_from_checkpoint`; on a CPU the resumed run ends with the same adapter tensors as
-an uninterrupted one (tested).
+checkpoint there and returns status "interrupted" (a second SIGINT aborts at once; one that comes
+within a second is the same Ctrl-C forwarded by a launcher). Under torchrun every rank stops at the
+same step. The previous handlers are restored when `run` returns. `resume_from` (a checkpoint
+folder, or True for the newest in `out_dir/checkpoints/`) restores weights, optimizer, scheduler,
+RNG and step through the Trainer's `resume_from_checkpoint`; on a CPU the resumed run ends with
+the same adapter tensors as an uninterrupted one (tested).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ ADDED_PAD = "<|dlm_pad|>"
 # Without a chat template (a plain base), questions and answers are laid out like this.
 FALLBACK_PROMPT = "### Question\n{prompt}\n\n### Answer\n"
 WARMUP_STEPS = 2  # steps left out of the steady-state step time (allocation, first-touch costs)
+SECOND_SIGNAL_S = 1.0  # a repeat SIGINT sooner than this is the same Ctrl-C, forwarded by a launcher
 
 
 @dataclass(frozen=True)
@@ -340,7 +342,7 @@ def _progress_callback(state_box: dict, log_path: Path, on_step: OnStep | None, 
             state_box["step_times"].append(dt)
             steady = state_box["step_times"][WARMUP_STEPS:] or state_box["step_times"]
             on_event("step_time", {"step": state.global_step, "seconds": dt, "steady": statistics.median(steady)})
-            if state_box["signal"] is not None:
+            if _any_rank(state_box["signal"] is not None, args):
                 # Save here, at a step boundary, and stop: the Trainer writes a full checkpoint.
                 control.should_save = True
                 control.should_training_stop = True
@@ -398,6 +400,22 @@ def _progress_callback(state_box: dict, log_path: Path, on_step: OnStep | None, 
     return Progress()
 
 
+def _any_rank(flag: bool, args: Any) -> bool:
+    """Under torchrun / accelerate launch: did any rank get the signal? A Ctrl-C reaches the ranks
+    at slightly different moments; if one stopped a step before the others, they would wait for it
+    in the next gradient all-reduce forever. One tiny all-reduce per step makes them stop together."""
+    if getattr(args, "world_size", 1) <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    seen = torch.tensor([int(flag)], device=args.device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    return bool(seen.item())
+
+
 @contextmanager
 def quiet_progress() -> Iterator[None]:
     """Switch off the libraries' own tqdm bars (weights loading, dataset mapping) and their
@@ -435,9 +453,13 @@ def stop_on_signals(state_box: dict, on_event: OnEvent) -> Iterator[None]:
         return
 
     def handler(signum, frame):
-        if state_box["signal"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        state_box["signal"] = signum
+        if state_box["signal"] is not None:
+            # A launcher (torchrun, accelerate) forwards the terminal's Ctrl-C, so one keypress can
+            # arrive twice within moments: only a second SIGINT a while later means "abort now".
+            if signum == signal.SIGINT and time.monotonic() - state_box.get("signal_at", 0.0) > SECOND_SIGNAL_S:
+                raise KeyboardInterrupt
+            return
+        state_box["signal"], state_box["signal_at"] = signum, time.monotonic()
         on_event("interrupt", {"signal": signal.Signals(signum).name})
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -512,6 +534,14 @@ def run(plan: Plan, train_examples: Sequence[Example], heldout_examples: Sequenc
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         model = trainer.model
+        if plan.runtime_kwargs.get("dora_dropout") == "branch":
+            from dlm.dora_fast import enable_branch_dropout
+
+            # DoRA dropout on the low-rank branch only (no second base matmul) and, with "dora_norm":
+            # "factored", the row norm from factors; the saved adapter stays PEFT's own
+            factored = plan.runtime_kwargs.get("dora_norm") == "factored"
+            layers = enable_branch_dropout(model, factored_norm=factored)
+            emit("dora_dropout", {"mode": "branch", "factored_norm": factored, "layers": layers})
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         # 4. train (a signal that came while loading means: stop before the first step)

@@ -345,9 +345,7 @@ def test_doctor_hardware_file_malformed(tmp_path: Path, home: Path, doc: Path, c
 def test_doctor_hardware_file_with_wrong_value_types(tmp_path: Path, home: Path, doc: Path) -> None:
     write(tmp_path, "hw.json", json.dumps({"device": "cpu", "name": "x", "memory_bytes": "lots", "cores": 2}))
     proc = dlm("doctor", "--hardware", "hw.json", doc.name, cwd=tmp_path)
-    if "Traceback" in proc.stderr:  # see docs/reliability.md, "Known gaps"
-        pytest.xfail("HardwareFacts.from_json does not check value types; the planner then raises TypeError")
-    refused(proc, home, located=False)
+    refused(proc, home, where="hw.json", message="memory_bytes has the wrong type", located=False)
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -387,10 +385,10 @@ def test_twin_output_into_a_missing_folder(tmp_path: Path, home: Path, doc: Path
 def test_twin_value_that_cannot_be_a_file_name(tmp_path: Path, home: Path, doc: Path, value: str) -> None:
     """The default output name is NAME-VALUE.dlm; a value with '/' or 300 characters cannot be one."""
     key = "base_model" if "/" in value else "system_prompt"
+    before = tree(tmp_path)
     proc = dlm("twin", doc.name, "--set", f"{key}={value}", cwd=tmp_path)
-    if "Traceback" in proc.stderr:  # see docs/reliability.md, "Known gaps"
-        pytest.xfail("doctor.make_twin builds the output name without checking it (ValueError / ENAMETOOLONG)")
-    refused(proc, home, located=False)
+    refused(proc, home, message="cannot be part of a file name", located=False)
+    assert "-o" in proc.stderr and tree(tmp_path) == before
 
 
 def test_init_refusals_write_nothing(tmp_path: Path, home: Path, doc: Path) -> None:
@@ -406,9 +404,7 @@ def test_init_refusals_write_nothing(tmp_path: Path, home: Path, doc: Path) -> N
 def test_base_model_name_longer_than_a_file_name(tmp_path: Path, home: Path) -> None:
     write(tmp_path, "long.dlm", f"---\ndlm_id: {ID}\nbase_model: {'b' * 300}\n---\nx\n")
     proc = dlm("doctor", "long.dlm", cwd=tmp_path)
-    if "Traceback" in proc.stderr:  # see docs/reliability.md, "Known gaps"
-        pytest.xfail("bases.resolve lets ENAMETOOLONG from Path.is_dir() escape as OSError")
-    refused(proc, home, where="long.dlm:3:1")
+    refused(proc, home, where="long.dlm:3:1", message="base_model cannot be a path here")
 
 
 @pytest.mark.parametrize("args", [["doctor", "--nope"], ["twin"], ["train-all"], ["doctor", "--probe"]])

@@ -495,3 +495,12 @@ def test_random_text_only_ever_raises_dlm_errors() -> None:
             assert e.path == path and e.line is not None and e.line >= 1 and e.col is not None and e.col >= 1 and e.hint
 
     check()
+
+
+@pytest.mark.parametrize("value", ["!!bool maybe", "!!timestamp x", "!!int x", "!!float nope", "2001-13-45"])
+def test_a_value_an_explicit_tag_cannot_build_is_a_located_error(value: str) -> None:
+    text = f"---\ndlm_id: {ID}\nbase_model: smollm2-135m\nsystem_prompt: {value}\n---\nbody\n"
+    with pytest.raises(DlmError) as info:
+        parse_doc(text, "t.dlm")
+    assert (info.value.line, info.value.col) == (4, 16)
+    assert "cannot read the value" in info.value.message or "invalid YAML" in info.value.message

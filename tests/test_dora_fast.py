@@ -102,8 +102,9 @@ def test_train_mode_dropout_zero_identical_to_peft():
     assert torch.equal(ref(input_ids=_ids()).logits, fast(input_ids=_ids()).logits)
 
 
+@pytest.mark.parametrize("factored", [False, True], ids=["branch", "factored-norm"])
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear-bias", "conv1d-fan_in_fan_out"])
-def test_train_mode_matches_branch_formula(conv1d):
+def test_train_mode_matches_branch_formula(conv1d, factored):
     """y = g * (W x) + b + g * s * B A dropout(x),  g = m / ||W + s B A|| (rows), with bias and Conv1D."""
     import torch
     import torch.nn.functional as F
@@ -130,7 +131,7 @@ def test_train_mode_matches_branch_formula(conv1d):
         LoraConfig(r=4, lora_alpha=8, lora_dropout=p, use_dora=True, target_modules=["proj"], fan_in_fan_out=conv1d),
     )
     _perturb(model, 0)
-    assert enable_branch_dropout(model) == 1
+    assert enable_branch_dropout(model, factored_norm=factored) == 1
     model.train()
     x = torch.randn(3, 5, 16)
     torch.manual_seed(123)
@@ -189,13 +190,14 @@ def test_one_base_matmul_per_layer_in_training():
     assert counts == {"peft": 2 * N_LAYERS, "branch": N_LAYERS}
 
 
-def test_training_lowers_loss_and_moves_every_adapter_param():
+@pytest.mark.parametrize("factored", [False, True], ids=["branch", "factored-norm"])
+def test_training_lowers_loss_and_moves_every_adapter_param(factored):
     import torch
 
     from dlm.dora_fast import enable_branch_dropout
 
     model = _tiny_dora(dropout=0.1)
-    assert enable_branch_dropout(model) == N_LAYERS
+    assert enable_branch_dropout(model, factored_norm=factored) == N_LAYERS
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert sum("lora_magnitude_vector" in n for n in trainable) == N_LAYERS
     ids = _ids()
@@ -310,3 +312,50 @@ def test_multiple_adapters_mixed_batch_and_merge():
     # 0.21 leaves its adapter_names pre-hooks registered when a forward raises)
     with pytest.raises(ValueError, match="DoRA"):
         model(input_ids=_ids(batch=2), adapter_names=["default", "other"])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_factored_norm_matches_peft_and_branch_in_training(dropout):
+    """The factored norm is PEFT's norm up to rounding: same logits and gradients as PEFT at dropout 0,
+    as branch mode (same dropout mask) with dropout; eval runs PEFT's code, bit for bit."""
+    import torch
+
+    from dlm.dora_fast import enable_branch_dropout
+
+    ref, fast = _tiny_dora(dropout=dropout), _tiny_dora(dropout=dropout)
+    if dropout:
+        enable_branch_dropout(ref)
+    assert enable_branch_dropout(fast, factored_norm=True) == N_LAYERS
+    ids = _ids()
+    grads = []
+    for model in (ref, fast):
+        model.train()
+        torch.manual_seed(7)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        if not dropout:
+            assert torch.equal(ref(input_ids=ids).logits, fast(input_ids=ids).logits)
+
+
+def test_factored_norm_keeps_the_adapter_plain_and_follows_weight_changes():
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from dlm.dora_fast import enable_branch_dropout
+
+    fast, ref = _tiny_dora(dropout=0.0), _tiny_dora(dropout=0.0)
+    enable_branch_dropout(fast, factored_norm=True)
+    fast.train(), ref.train()
+    fast(input_ids=_ids())  # fills the per-layer ||W||^2 cache
+    assert get_peft_model_state_dict(fast).keys() == get_peft_model_state_dict(ref).keys()
+    with torch.no_grad():  # a changed base weight (say, a reload) must not reuse a stale cache
+        for model in (fast, ref):
+            for m in _adapted(model):
+                m.get_base_layer().weight.mul_(1.5)
+    torch.testing.assert_close(fast(input_ids=_ids()).logits, ref(input_ids=_ids()).logits, rtol=1e-5, atol=1e-5)

@@ -42,10 +42,11 @@ def corpus(n_train: int = 40, n_heldout: int = 4, mean: int = 60, longest: int =
 
 
 def plan(machine: str = "cpu", base: str = "smollm2-135m", stats: CorpusStats | None = None, *,
-         world_size: int = 1, purpose: str = "train", top: dict | None = None, **training: Any) -> Plan:
+         world_size: int = 1, purpose: str = "train", top: dict | None = None, sharding: str = "none",
+         **training: Any) -> Plan:
     spec = parse_spec({"dlm_id": ID, "base_model": base, **(top or {}), "training": training})
     return make_plan(spec, hw(machine), bases.resolve(base), stats or corpus(), world_size=world_size,
-                     purpose=purpose)
+                     purpose=purpose, sharding=sharding)
 
 
 def codes(p: Plan) -> set[str]:
@@ -75,7 +76,11 @@ def test_fixtures_say_what_the_brief_says() -> None:
 
 # (code, trigger kwargs, near-miss kwargs); kwargs go to plan().
 FINDING_CASES: list[tuple[str, dict, dict]] = [
-    ("dora-with-dropout", dict(adapter="dora", lora_dropout=0.05), dict(adapter="dora", lora_dropout=0.0)),
+    ("dora-with-dropout", dict(adapter="dora", lora_dropout=0.05, dora_dropout="input"),
+     dict(adapter="dora", lora_dropout=0.0, dora_dropout="input")),
+    # the default is PEFT's form; branch mode takes no second base matmul: nothing to warn about
+    ("dora-with-dropout", dict(adapter="dora", lora_dropout=0.05),
+     dict(adapter="dora", lora_dropout=0.05, dora_dropout="branch")),
     ("dora-high-rank", dict(adapter="dora", lora_r=32), dict(adapter="dora", lora_r=16)),
     ("dora-short-run", dict(adapter="dora", max_steps=499), dict(adapter="dora", max_steps=500)),
     ("dora-small-batch", dict(adapter="dora", micro_batch_size=1), dict(adapter="dora", micro_batch_size=2)),
@@ -105,6 +110,11 @@ FINDING_CASES: list[tuple[str, dict, dict]] = [
     ("no-heldout", dict(stats=corpus(n_heldout=0)), dict(stats=corpus(n_heldout=1))),
     ("base-demo-only", dict(base="smollm2-135m"), dict(base="qwen2.5-0.5b")),
     ("trust-remote-code", dict(top={"trust_remote_code": True}), dict(top={"trust_remote_code": False})),
+    ("galore-sharded", dict(optimizer="galore_adamw", machine="h100", world_size=8, sharding="fsdp"),
+     dict(optimizer="galore_adamw", machine="h100", world_size=8)),
+    ("galore-sharded", dict(optimizer="galore_adamw_8bit", machine="h100", world_size=8, sharding="zero2"),
+     dict(optimizer="adamw_torch", machine="h100", world_size=8, sharding="zero2")),
+    ("multi-process-mps", dict(machine="mps", world_size=2), dict(machine="mps", world_size=1)),
 ]
 LEVELS = {
     "dora-with-dropout": "warn", "dora-high-rank": "info", "dora-short-run": "info", "dora-small-batch": "info",
@@ -113,7 +123,8 @@ LEVELS = {
     "bf16-unsupported": "block", "bf16-emulated-cpu": "warn", "target-module-missing": "block",
     "seq-len-clipped": "info", "lora-lr-low": "warn", "memory-over-budget": "block", "few-steps": "warn",
     "no-heldout": "info", "base-demo-only": "info", "trust-remote-code": "warn",
-    "optimizer-needs-bitsandbytes": "block", "fp16-on-cpu": "warn",
+    "optimizer-needs-bitsandbytes": "block", "fp16-on-cpu": "warn", "galore-sharded": "block",
+    "multi-process-mps": "block",
 }
 
 
@@ -122,7 +133,8 @@ def _run(kwargs: dict) -> Plan:
     machine = kwargs.pop("machine", "cpu")
     base = kwargs.pop("base", "smollm2-135m")
     return plan(machine, base, kwargs.pop("stats", None), world_size=kwargs.pop("world_size", 1),
-                purpose=kwargs.pop("purpose", "train"), top=kwargs.pop("top", None), **kwargs)
+                purpose=kwargs.pop("purpose", "train"), top=kwargs.pop("top", None),
+                sharding=kwargs.pop("sharding", "none"), **kwargs)
 
 
 @pytest.mark.parametrize(("code", "trigger", "near_miss"), FINDING_CASES,
@@ -155,11 +167,12 @@ def test_every_documented_code_has_a_case() -> None:
 
 
 def test_evidence_numbers() -> None:
-    p = plan("a100-40g", optimizer="galore_adamw", adapter="dora", lora_dropout=0.05)
+    p = plan("a100-40g", optimizer="galore_adamw", adapter="dora", lora_dropout=0.05, dora_dropout="input")
     by = {f.code: f for f in p.findings}
     assert by["galore-small-base"].tag == "135M<1B"
     assert by["galore-small-base"].evidence["n_params"] == bases.resolve("smollm2-135m").n_params
-    assert by["dora-with-dropout"].evidence == {"lora_dropout": 0.05}
+    assert by["dora-with-dropout"].evidence == {"lora_dropout": 0.05, "dora_dropout": "input"}
+    assert "dora_dropout: branch" in by["dora-with-dropout"].hint
     over = plan("t4", "llama-3.1-8b")
     f = next(f for f in over.findings if f.code == "memory-over-budget")
     assert f.evidence["peak_memory_bytes"] > f.evidence["memory_budget_bytes"] == 15 * GIB
@@ -180,13 +193,14 @@ def test_findings_are_ordered_block_warn_info() -> None:
 
 
 def test_reason_line_matches_the_spec_example() -> None:
-    p = plan("a100-40g", adapter="dora", optimizer="galore_adamw", lora_dropout=0.05, max_steps=600)
+    p = plan("a100-40g", adapter="dora", optimizer="galore_adamw", lora_dropout=0.05, dora_dropout="input",
+             max_steps=600)
     assert p.reason == ("reason: precision=bf16, attn=sdpa, qlora=off, adapter=dora, optim=galore_adamw, "
                         "warn=galore-small-base(135M<1B),dora-with-dropout(0.05)")
 
 
 def test_reason_line_on_the_cpu_fixture() -> None:
-    p = plan("cpu", adapter="dora", lora_dropout=0.05)
+    p = plan("cpu", adapter="dora", lora_dropout=0.05, dora_dropout="input")
     assert p.reason == ("reason: precision=fp32, attn=sdpa, qlora=off, adapter=dora, optim=adamw_torch, "
                         "warn=dora-with-dropout(0.05),few-steps(15<20)")
 
@@ -264,6 +278,44 @@ def test_large_corpus_targets_sixteen_rows_and_world_size_counts() -> None:
     assert two.decision("micro_batch_size") * two.decision("grad_accum") == 8
 
 
+# (machine, world_size, sharding, adapter) -> the `processes` decision, DDP's unused-parameter search,
+# and the 4-bit storage dtype (None: not quantised / left to bitsandbytes' uint8 default)
+PROCESS_CASES = [
+    ("cpu", 1, "none", "lora", None, None, None),
+    ("cpu", 2, "none", "lora", "2 x ddp", False, None),
+    ("h100", 8, "none", "qlora", "8 x ddp", False, None),
+    ("h100", 8, "fsdp", "qlora", "8 x fsdp", None, "bfloat16"),
+    ("h100", 8, "zero3", "qlora", "8 x zero3", None, "bfloat16"),
+    ("h100", 8, "zero2", "qlora", "8 x zero2", None, None),
+    ("t4", 2, "fsdp", "qlora", "2 x fsdp", None, "float16"),
+    ("a100-40g", 4, "fsdp", "dora", "4 x fsdp", None, None),
+]
+
+
+@pytest.mark.parametrize("machine, world, sharding, adapter, processes, unused, storage", PROCESS_CASES)
+def test_several_processes(machine: str, world: int, sharding: str, adapter: str, processes: str | None,
+                           unused: bool | None, storage: str | None) -> None:
+    p = plan(machine, world_size=world, sharding=sharding, adapter=adapter)
+    decided = {d.key: d.value for d in p.decisions}
+    assert decided.get("processes") == processes
+    assert p.sft_kwargs.get("ddp_find_unused_parameters") == unused
+    quant = p.model_kwargs["quantization"] or {}
+    assert quant.get("bnb_4bit_quant_storage") == storage == decided.get("bnb_4bit_quant_storage")
+    assert p.world_size == world and p.sharding == sharding and p.to_json()["sharding"] == sharding
+    assert not {"galore-sharded", "multi-process-mps"} & codes(p)
+
+
+def test_world_size_divides_the_batch_and_the_steps() -> None:
+    """The effective batch counts every process: with auto knobs the target batch is split across the
+    processes; with fixed knobs 2 processes take half the optimizer steps of one."""
+    one, two = plan("h100", stats=corpus(n_train=64)), plan("h100", stats=corpus(n_train=64), world_size=2)
+    assert two.decision("effective_batch") == two.decision("micro_batch_size") * two.decision("grad_accum") * 2
+    assert two.decision("effective_batch") == one.decision("effective_batch")
+    fixed = dict(micro_batch_size=2, grad_accum=1, num_epochs=1)
+    assert plan("h100", stats=corpus(n_train=64), world_size=2, **fixed).decision("steps") == 16
+    assert plan("h100", stats=corpus(n_train=64), **fixed).decision("steps") == 32
+
+
 def test_explicit_batch_knobs_are_honoured() -> None:
     p = plan("cpu", micro_batch_size=8, grad_accum=3)
     assert (p.decision("micro_batch_size"), p.decision("grad_accum")) == (8, 3)
@@ -334,6 +386,48 @@ def test_lora_kwargs() -> None:
     assert plan(adapter="qlora").lora_kwargs["use_dora"] is False
 
 
+def test_dora_dropout_decision_and_runtime_kwargs() -> None:
+    default = plan(adapter="dora", lora_dropout=0.05)  # PEFT's form unless the spec asks for branch
+    assert default.decision("dora_dropout") == "input" and default.runtime_kwargs == {}
+    assert "dora-with-dropout" in {f.code for f in default.findings}
+    branch = plan(adapter="dora", lora_dropout=0.05, dora_dropout="branch")
+    assert branch.decision("dora_dropout") == "branch"
+    assert "dora-with-dropout" not in {f.code for f in branch.findings}
+    assert "base output reused" in next(d.reason for d in branch.decisions if d.key == "dora_dropout")
+    assert branch.runtime_kwargs == {"dora_dropout": "branch", "dora_norm": "factored"}
+    assert branch.lora_kwargs["lora_dropout"] == 0.05 and "dora_dropout" not in branch.lora_kwargs  # plain PEFT
+    peft_form = plan(adapter="dora", lora_dropout=0.05, dora_dropout="input")
+    assert peft_form.decision("dora_dropout") == "input" and peft_form.runtime_kwargs == {}
+    # at dropout 0 there is no dropout to place, but dlm's DoRA forward still computes the norm from factors
+    zero = plan(adapter="dora")
+    assert zero.runtime_kwargs == {"dora_dropout": "branch", "dora_norm": "factored"}
+    assert "from factors" in next(d.reason for d in zero.decisions if d.key == "dora_dropout")
+    # at dropout 0 the two forms are one function: the faster forward whatever the spec says
+    assert plan(adapter="dora", dora_dropout="input").runtime_kwargs == zero.runtime_kwargs
+    assert plan(adapter="lora", lora_dropout=0.05).runtime_kwargs == {}
+    assert "dora_dropout" not in {d.key for d in plan(adapter="lora").decisions}
+
+
+def test_packing_decision_says_why() -> None:
+    off = plan(stats=corpus(mean=60, longest=120))
+    assert off.decision("packing") is False and off.sft_kwargs["packing"] is False
+    assert "~38% of a step's row slots estimated as padding" in next(d.reason for d in off.decisions if d.key == "packing")
+    on = plan(packing=True)
+    assert on.decision("packing") is True and on.sft_kwargs["packing"] is True
+    assert "never attend to each other" in next(d.reason for d in on.decisions if d.key == "packing")
+
+
+def test_branch_dropout_drops_the_second_matmul_from_the_estimate() -> None:
+    lora = _calibration(lora_dropout=0.05, gradient_checkpointing=False)
+    branch = _calibration(adapter="dora", lora_dropout=0.05, dora_dropout="branch", gradient_checkpointing=False)
+    peft_form = _calibration(adapter="dora", lora_dropout=0.05, gradient_checkpointing=False)  # the default form
+    # measured on a SmolLM2-shaped model (docs/dora-dropout.md): DoRA/LoRA x1.15 branch, x1.25 PEFT's form;
+    # the FLOP model charges only the second matmul (+20%) and a token-independent norm term for DoRA
+    assert 1.0 <= branch / lora <= 1.15
+    assert peft_form / lora == pytest.approx(1.25, abs=0.1)
+    assert peft_form / branch >= 1.1
+
+
 def test_sft_kwargs_carry_every_spec_knob() -> None:
     p = plan(learning_rate=1e-4, lr_scheduler="cosine", warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=0.5,
              seed=7, eval_steps=3, save_steps=5, logging_steps=2, report_to="tensorboard", packing=True,
@@ -390,7 +484,7 @@ def _calibration(**training: Any) -> float:
 @pytest.mark.parametrize(("training", "measured"), [
     (dict(lora_dropout=0.05, gradient_checkpointing=False), 3.1),
     (dict(lora_dropout=0.05, gradient_checkpointing=True), 3.6),
-    (dict(adapter="dora", lora_dropout=0.05, gradient_checkpointing=True), 5.15),
+    (dict(adapter="dora", lora_dropout=0.05, dora_dropout="input", gradient_checkpointing=True), 5.15),
     (dict(adapter="dora", lora_dropout=0.0, gradient_checkpointing=True), 3.7),
     (dict(adapter="dora", lora_dropout=0.0, gradient_checkpointing=False), 2.8),
     (dict(adapter="qlora", lora_dropout=0.05, gradient_checkpointing=True), 6.2),
@@ -489,6 +583,24 @@ def test_planned_kwargs_bind_to_the_real_signatures(training: dict, tmp_path: Pa
             assert cfg.max_length == p.sft_kwargs["max_length"]
             assert cfg.per_device_train_batch_size == p.decision("micro_batch_size")
             assert cfg.warmup_steps == p.sft_kwargs["warmup_steps"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sharding", ["none", "fsdp", "zero3"])
+def test_multi_process_kwargs_bind_to_the_real_signatures(sharding: str, tmp_path: Path) -> None:
+    """What the planner adds for several processes (ddp_find_unused_parameters, the 4-bit storage
+    dtype) goes through SFTConfig and, via train.py's translator, BitsAndBytesConfig."""
+    import trl
+
+    from dlm.train import from_pretrained_kwargs
+
+    p = plan("h100", stats=corpus(n_heldout=2), world_size=4, sharding=sharding, adapter="qlora")
+    assert set(p.sft_kwargs) <= set(inspect.signature(trl.SFTConfig).parameters)
+    bnb = from_pretrained_kwargs(p.model_kwargs)["quantization_config"]
+    assert str(bnb.bnb_4bit_quant_storage).endswith("bfloat16" if sharding != "none" else "uint8")
+    cpu = plan("cpu", stats=corpus(n_heldout=2), world_size=2)
+    cfg = trl.SFTConfig(output_dir=str(tmp_path), **cpu.sft_kwargs)
+    assert cfg.ddp_find_unused_parameters is False
 
 
 @pytest.mark.integration

@@ -133,3 +133,13 @@ def test_out_of_order_steps_are_refused():
         eta.step(1, 2.0)
     with pytest.raises(ValueError):
         eta.step(2, 0.5)
+
+
+def test_uneven_steps_average_and_stalls_are_dropped():
+    """Batches padded to their longest row make steps uneven: the rate is their mean, not the median."""
+    eta = EtaEstimator(100, warmup_steps=0)
+    now = drive(eta, [2.5, 2.5, 0.5] * 3)
+    assert eta.seconds_per_step() == pytest.approx(5.5 / 3)
+    now += 40.0  # a 40 s stall (another job took the CPU)
+    eta.step(10, now)
+    assert eta.seconds_per_step() == pytest.approx(5.5 / 3)

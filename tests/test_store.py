@@ -298,10 +298,10 @@ def test_stale_running_run_is_marked_interrupted_and_resumable(store, home, tmp_
     with dead.lock():
         run = dead.begin_run("34" * 32, 42, VERSIONS)
     checkpoints = store.run_dir(run) / "checkpoints"
-    for n, complete in ((10, True), (20, True), (30, False)):  # 30: a save cut short
-        (checkpoints / f"checkpoint-{n}").mkdir(parents=True)
-        if complete:
-            (checkpoints / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    for n, state in ((10, '{"global_step": 10}'), (20, '{"global_step": 20}'), (30, None), (40, '{"global_st')):
+        (checkpoints / f"checkpoint-{n}").mkdir(parents=True)  # 30: a save cut short; 40: killed mid-write
+        if state is not None:
+            (checkpoints / f"checkpoint-{n}" / "trainer_state.json").write_text(state)
     assert manifest(store)["runs"][-1]["status"] == "running"  # its process died without a word
     with store.lock():
         assert store.run(run)["status"] == "interrupted"
@@ -350,6 +350,72 @@ def test_lost_manifest_update_after_commit_is_recovered(store, tmp_path):
     with store.lock():
         pass
     assert manifest(store)["runs"][0]["version"] == "v0001" and manifest(store)["current"] == "v0001"
+
+
+def test_death_between_version_and_pointer_finishes_the_commit(store, tmp_path):
+    """The disk as a SIGKILL leaves it after `versions/v0002` appeared but before `adapter` moved:
+    the next lock verifies v0002, points at it and records it; the run counts as finished."""
+    train_once(store, tmp_path, "a")
+    before = (store.root / "manifest.json").read_bytes()
+    with store.lock():
+        run = store.begin_run("cd" * 32, 42, VERSIONS)
+        running = (store.root / "manifest.json").read_bytes()
+        store.commit_version(run, staged(tmp_path / "b", 2.0), {"eval_loss": 1.0})
+    (store.root / "manifest.json").write_bytes(running)  # the manifest never heard of v0002
+    (store.root / "adapter").unlink()
+    (store.root / "adapter").symlink_to("versions/v0001")  # nor did the pointer
+    assert before != running and store.current_version().name == "v0001"
+    with store.lock():
+        pass
+    m = manifest(store)
+    assert store.current_version().name == "v0002" and m["current"] == "v0002"
+    assert m["runs"][-1]["version"] == "v0002" and m["runs"][-1]["status"] == "ok"
+    assert store.latest_checkpoint() is None  # a finished run: nothing to resume
+
+
+def test_damaged_lost_version_is_not_made_current(store, tmp_path):
+    train_once(store, tmp_path, "a")
+    with store.lock():
+        run = store.begin_run("cd" * 32, 42, VERSIONS)
+        running = (store.root / "manifest.json").read_bytes()
+        store.commit_version(run, staged(tmp_path / "b", 2.0), {"eval_loss": 1.0})
+    (store.root / "manifest.json").write_bytes(running)
+    (store.root / "adapter").unlink()
+    (store.root / "adapter").symlink_to("versions/v0001")
+    weights = store.root / "versions" / "v0002" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with store.lock():
+        pass
+    assert store.current_version().name == "v0001" and manifest(store)["current"] == "v0001"
+
+
+def test_failed_pointer_write_leaves_no_version_behind(store, tmp_path, monkeypatch):
+    """ENOSPC while the pointer is replaced: the commit raises, the new version is taken back out,
+    the adapter goes back to its staging folder, and the current version is untouched."""
+    import errno
+
+    from dlm import store as store_module
+
+    train_once(store, tmp_path, "a")
+
+    def full(self, name):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.Store, "_point", full)
+    folder = staged(tmp_path / "b", 2.0)
+    with store.lock():
+        run = store.begin_run("cd" * 32, 42, VERSIONS)
+        with pytest.raises(OSError, match="No space"):
+            store.commit_version(run, folder, {"eval_loss": 1.0})
+        store.end_run(run, "failed", message="disk full")
+    monkeypatch.undo()
+    assert [v.name for v in store.versions()] == ["v0001"] and store.current_version().name == "v0001"
+    assert not list((store.root / "versions").glob(".*.tmp"))
+    assert (folder / "adapter_model.safetensors").is_file()
+    verify(store.current_version())
+    with store.lock():
+        pass
+    assert manifest(store)["current"] == "v0001" and manifest(store)["runs"][-1]["status"] == "failed"
 
 
 # ---------------------------------------------------------------- the lock

@@ -155,6 +155,62 @@ def test_adapter_trains_saves_reloads_and_merges(base: Path, tmp_path: Path, ada
     assert isinstance(text, str)
 
 
+@pytest.mark.parametrize("mode", ["branch", "input"])
+def test_dora_dropout_mode_reaches_the_trained_model(base: Path, tmp_path: Path, mode: str) -> None:
+    """`dora_dropout: branch` (the default) puts every DoRA layer of the trained model on dlm's forward
+    (branch dropout, factored norm); `input` leaves PEFT's forward alone. Either way the saved adapter is a plain PEFT DoRA adapter with the same dropout."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora.layer import Linear
+    from transformers import AutoModelForCausalLM
+
+    from dlm import train
+    from dlm.dora_fast import _factored_forward
+
+    tr, held = _examples()
+    plan = make_test_plan(base, tr, held, adapter="dora", lora_dropout=0.1, dora_dropout=mode, max_steps=4)
+    snap, events = Snapshot(), {}
+    summary = train.run(plan, tr, held, base, tmp_path, callbacks=[snap], eval_base=False,
+                        on_event=lambda k, d: events.setdefault(k, d))
+    assert summary.status == "ok", summary.message
+    layers = [m for m in snap.model.modules() if isinstance(m, Linear)]
+    patched = [m for m in layers if m.lora_variant["default"].__dict__.get("forward") is _factored_forward]
+    if mode == "branch":
+        assert events["dora_dropout"] == {"mode": "branch", "factored_norm": True, "layers": 8}
+        assert len(patched) == len(layers) == 8
+    else:
+        assert "dora_dropout" not in events and not patched
+    assert not any(torch.equal(snap.before[n], snap.after[n]) for n in snap.before)  # it trained
+    config = json.loads((Path(summary.adapter_dir) / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["lora_dropout"] == 0.1
+    assert not [k for k in config if "dlm" in k or "branch" in k]
+    ids = torch.tensor([[1, 520, 2103, 314, 253, 1789, 47, 2, 198]])
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), summary.adapter_dir)
+    assert torch.equal(_logits(reloaded.eval(), ids), _logits(snap.model.eval(), ids))  # eval: PEFT's own maths
+
+
+def test_packed_rows_never_attend_to_each_other(base: Path) -> None:
+    """`packing: true` is TRL's bfd packing, which is padding-free: rows are concatenated with
+    position_ids restarting at 0 and no attention mask. With sdpa, transformers turns the restarts
+    into a block-diagonal causal mask, so each row's logits are exactly its logits alone. (Only without a
+    KV cache: TRL's compute_loss passes use_cache=False, as here; with a cache the rows would mix.)"""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation="sdpa").eval()
+    seqs = [[1, 520, 2103, 314, 253], [1, 1789, 47, 2], [1, 198, 520, 2103, 314, 253, 47]]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": q} for q in seqs])
+    assert "attention_mask" not in batch and batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6]
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}  # as TRL feeds the model
+        packed = model(**inputs, use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([q])).logits[0] for q in seqs])
+        mixed = model(input_ids=batch["input_ids"], use_cache=False).logits[0]  # no position_ids: one causal row
+    assert (packed - alone).abs().max().item() < 1e-4
+    assert (mixed - alone).abs().max().item() > 1e-3  # the check can fail: mixing does change the logits
+
+
 def test_pad_token_differs_from_eos_without_resizing(base: Path) -> None:
     from dlm import train
 

@@ -1,0 +1,93 @@
+"""dlm.bench: the ratios and targets from run results (unit), and the worker on a tiny model (integration)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dlm import bench
+
+
+def _result(kind: str, adapter: str, dropout: float, tps: float, loss: float = 2.0, **extra) -> dict:
+    r = {"config": {"kind": kind, "adapter": adapter, "dropout": dropout, "steps": 40}, "tokens_per_s": tps,
+         "steady_s": 1.0, "eval_loss": loss, "peak_bytes": 2 * 2**30, "real_total_s": 100.0,
+         "eta_hf_total_s": 180.0, "wall_s": 120.0}
+    if kind != "plain":
+        r.update(micro=4, accum=2, checkpointing=kind == "same", bf16=True, packing=kind == "packed", runtime={},
+                 est_step_s=1.1, est_peak_bytes=int(2.2 * 2**30), est_total_s=44.0, eta_dlm_total_s=104.0,
+                 reason="reason: ...")
+    r.update(extra)
+    return r
+
+
+def _results(dora_tax: float = 1.05) -> list[dict]:
+    out = []
+    for adapter, dropout in bench.VARIANTS:
+        tax = dora_tax if adapter == "dora" else 1.0
+        out += [_result("plain", adapter, dropout, 100 / tax / 1.2), _result("same", adapter, dropout, 99 / tax / 1.2),
+                _result("dlm", adapter, dropout, 150 / tax, loss=1.99)]
+    return out + [_result("packed", "lora", 0.0, 180.0)]
+
+
+def test_summary_ratios_and_targets() -> None:
+    s = bench.summarise(_results())
+    row = s["rows"][0]
+    assert row["variant"] == "LoRA d=0"
+    assert row["same_vs_plain"] == pytest.approx(100 / 99)  # time per token, same / plain
+    assert row["speedup"] == pytest.approx(1.8)
+    assert {x["kind"]: x["ratio"] for x in s["dora_lora"] if x["dropout"] == 0.05} == pytest.approx(
+        {"plain": 1.05, "dlm": 1.05})
+    assert s["met"] == {"same": True, "speedup": True, "dora_lora": True, "eta": True, "memory": True}
+    assert s["packing"]["gain"] == pytest.approx(1.2)
+    assert s["detail"]["speedup"].startswith("tokens/s x1.80; held-out loss vs plain -0.50%")
+    assert s["detail"]["memory"] == "estimate / peak RSS x1.10" and s["detail"]["eta"] == "projected / real x1.04"
+
+
+def test_targets_can_fail_and_missing_runs_are_unknown() -> None:
+    results = _results(dora_tax=1.3)
+    results[2]["eval_loss"] = 2.5  # dlm's held-out loss worse than plain's on LoRA d=0
+    results[2]["eta_dlm_total_s"] = 150.0
+    s = bench.summarise(results)
+    assert s["met"]["dora_lora"] is False and s["met"]["speedup"] is False and s["met"]["eta"] is False
+    partial = bench.summarise([r for r in _results() if r["config"]["kind"] != "same"])
+    assert partial["met"]["same"] is None and partial["rows"][0]["same_vs_plain"] is None
+    failed = bench.summarise([{"config": {"kind": "dlm", "adapter": "lora", "dropout": 0.0}, "error": "exit 1"}])
+    assert failed["rows"][0]["dlm"] is None
+
+
+def test_markdown_and_chart(tmp_path: Path) -> None:
+    results = _results()
+    s = bench.summarise(results)
+    info = {"file": "configs/corpus-lora.dlm", "steps": 40, "command": "make bench", "date": "today", "minutes": 20.0,
+            "load_before": 0.5, "load_after": 3.0, "machine": bench.machine()}
+    text = bench.markdown(results, s, info)
+    for part in ("## Machine", "## Speed", "## DoRA / LoRA", "## ETA", "## The planner's estimates", "## Targets",
+                 "## Method", "x1.80", "**met**", "other jobs shared the CPU", "`packing: true` on LoRA d=0"):
+        assert part in text, part
+    out = bench.report(results, info, tmp_path / "perf.md", tmp_path / "perf.png")  # what --from-results does
+    assert (tmp_path / "perf.md").read_text() == text == out["markdown"]
+    assert (tmp_path / "perf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "target speedup: met" in bench.ratio_table(s)
+
+
+@pytest.mark.integration
+def test_worker_same_knobs_trains_exactly_what_the_plain_script_trains(tmp_path: Path) -> None:
+    """The `same` run is dlm's path with the plain script's knobs: identical tokens and held-out loss."""
+    from tests.test_probe import DOC
+    from tests.tinymodel import tiny_base
+
+    doc = tmp_path / "notes.dlm"
+    doc.write_text(DOC.format(base=tiny_base(tmp_path / "base")))
+    cfg = {"file": str(doc), "adapter": "dora", "dropout": 0.05, "steps": 4, "home": str(tmp_path / "home")}
+    plain = bench.run_one({**cfg, "kind": "plain"}, tmp_path)
+    same = bench.run_one({**cfg, "kind": "same"}, tmp_path)
+    dlm = bench.run_one({**cfg, "kind": "dlm"}, tmp_path)
+    for r in (plain, same, dlm):
+        assert "error" not in r, r.get("error")
+        assert r["steps"] == 4 and r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 and r["real_total_s"] > 0
+    assert same["tokens"] == plain["tokens"]
+    assert same["eval_loss"] == pytest.approx(plain["eval_loss"], abs=1e-6)
+    assert same["checkpointing"] is True and same["runtime"] == {}
+    assert dlm["runtime"] == {"dora_dropout": "branch", "dora_norm": "factored"} and dlm["checkpointing"] is False
+    assert not (tmp_path / "home" / "store").exists()
