@@ -52,9 +52,9 @@ The catalogue lists items by number; every item has a number seven times its ind
     return path
 
 
-def dlm(*args: str, home: Path, cwd: Path, check: int | None = 0) -> subprocess.CompletedProcess:
+def dlm(*args: str, home: Path, cwd: Path, check: int | None = 0, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "DLM_HOME": str(home), "COLUMNS": "200"}
-    proc = subprocess.run([DLM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([DLM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check is not None:
         assert proc.returncode == check, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -420,7 +419,8 @@ def test_compare_and_plot_import_nothing_heavy() -> None:
 
 # ---------------------------------------------------------------- integration: twins on the tiny model
 
-DLM = str(Path(sys.executable).with_name("dlm"))
+from tests.test_commands import dlm  # noqa: E402  (one CLI runner for every test file)
+
 TINY_QA = "\n".join(f"### Q\nWhat is item {i}?\n### A\nItem {i} is number {i * 7} in the catalogue.\n"
                     for i in range(12))
 
@@ -454,13 +454,7 @@ Every item in the catalogue has a number seven times its index.
     return path
 
 
-def run_dlm(*args: str, home: Path, cwd: Path, check: int | None = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DLM_HOME": str(home), "COLUMNS": "200"}
-    proc = subprocess.run([DLM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check is not None:
-        assert proc.returncode == check, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
+run_dlm = dlm  # the same CLI runner as tests/test_commands.py
 
 
 @pytest.fixture(scope="module")
