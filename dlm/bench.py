@@ -258,7 +258,9 @@ METHOD = """\
 - `same`: `dlm.train.run` with the plan forced to those knobs (checkpointing on, fp32 weights with the
   same autocast, `dora_dropout: input`, no packing, no evaluation or checkpoints in the loop). It
   measures dlm's own overhead: callbacks, logging every step, the row format.
-- `dlm`: `dlm.train.run` with the plan `dlm train` makes for the document (with `max_steps` {steps}).
+- `dlm`: `dlm.train.run` with the plan `dlm train` makes for the document (with `max_steps` {steps}); for DoRA
+  with dropout > 0 the document also sets `dora_dropout: branch`, the option the doctor's
+  `dora-with-dropout` finding suggests (the default is PEFT's form, `input`).
 - Time: a TrainerCallback stamps each optimizer step's start and end and the pauses after it
   (evaluation, checkpoints). tokens/s = non-padding tokens (TRL's `num_tokens`) over the compute time
   of the steps after the first two; s/step is the median of those steps. Steps differ in length
