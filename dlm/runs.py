@@ -99,12 +99,10 @@ def train_document(
 ) -> Outcome:
     """Train one document into a new version of its store. Raises DlmError / RunError, never half-commits."""
     from dlm import bases, train
-    from dlm.hardware import package_versions
+    from dlm.hardware import launch_env, package_versions
 
     if resume and fresh:
         raise DlmError("--resume and --fresh contradict each other", "pass one of them")
-    from dlm.hardware import launch_env
-
     world, sharding = launch_env()
     prepared = prepare(path, hardware, world_size=world, max_steps=max_steps, sharding=sharding)
     plan, spec = prepared.plan, prepared.spec
@@ -288,7 +286,7 @@ def current(path: str | Path, home: Path, hardware: HardwareFacts | None = None)
     """The document's current adapter, verified against its recorded checksums, and its summary."""
     from dlm.hardware import probe_light
 
-    prepared = prepare(path, hardware or probe_light(), purpose="inspect")
+    prepared = prepare(path, hardware or probe_light(), purpose="prompt")
     spec = prepared.spec
     store = open_store(home, spec.dlm_id, Path(prepared.doc.path), spec.base_model, readonly=True)
     folder = store.current_version()

@@ -24,3 +24,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     h.mkdir()
     monkeypatch.setenv("DLM_HOME", str(h))
     return h
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the tiny random Llama as `./tiny`, for documents that name `base_model: ./tiny`
+    (one per test module; building it takes about a second)."""
+    from tests.tinymodel import tiny_base
+
+    folder = tmp_path_factory.mktemp("docs")
+    tiny_base(folder / "tiny")
+    return folder

@@ -17,7 +17,6 @@ import pytest
 
 from dlm.schema import new_id
 from dlm.store import open_store
-from tests.tinymodel import tiny_base
 
 pytestmark = pytest.mark.integration
 DLM = str(Path(sys.executable).with_name("dlm"))
@@ -59,13 +58,6 @@ def dlm(*args: str, home: Path, cwd: Path, check: int | None = 0, timeout: int =
         assert proc.returncode == check, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("docs")
-    tiny_base(folder / "tiny")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -20,19 +20,12 @@ def _tiny_llama(seed: int = 0):
     """Seeded random Llama. initializer_range 0.1 (default 0.02): with a frozen random lm_head of std
     0.02, logits cannot move more than ~1.3 nats however well the adapters learn."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from tests.tinymodel import tiny_config
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        initializer_range=0.1,
-    )
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(tiny_config(vocab_size=512, initializer_range=0.1))
 
 
 def _tiny_dora(dropout: float = 0.1, seed: int = 0):

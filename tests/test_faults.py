@@ -26,7 +26,6 @@ import pytest
 
 from dlm.store import open_store, verify
 from tests.test_commands import DLM, write_doc
-from tests.tinymodel import tiny_base
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -54,13 +53,6 @@ def dlm_id(doc: Path) -> str:
 
 def manifest(home: Path, doc: Path) -> dict:
     return json.loads((home / "store" / dlm_id(doc) / "manifest.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("faults")
-    tiny_base(folder / "tiny")
-    return folder
 
 
 @pytest.fixture(scope="module")

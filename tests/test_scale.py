@@ -74,15 +74,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.tinymodel import tiny_base
-
-    folder = tmp_path_factory.mktemp("scale")
-    tiny_base(folder / "tiny")
-    return folder
-
-
 def _env(home: Path, ranks: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_"))}
     return {**env, "DLM_HOME": str(home), "DLM_RANK_DIR": str(ranks), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}

@@ -32,13 +32,22 @@ def smollm2_base() -> Path:
     return bases.materialize(bases.resolve(bases.DEFAULT_BASE), test_cache())
 
 
+def tiny_config(**overrides):
+    """The tiny Llama shape every integration test uses (hidden 64, 2 layers, 4 heads, 2 KV heads)."""
+    from transformers import LlamaConfig
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    return LlamaConfig(**{**shape, **overrides})
+
+
 def tiny_base(folder: Path, *, seed: int = 0) -> Path:
     """Save a tiny random LlamaForCausalLM plus the SmolLM2 tokenizer into `folder`; return it.
 
     Same seed, same weights: tests that compare two runs build the base once or twice alike.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     src = smollm2_base()
     folder = Path(folder)
@@ -46,13 +55,8 @@ def tiny_base(folder: Path, *, seed: int = 0) -> Path:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, folder / name)
-    cfg = LlamaConfig(
+    cfg = tiny_config(
         vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=1,
