@@ -25,7 +25,12 @@ from typing import Any
 VARIANTS = (("lora", 0.0), ("lora", 0.05), ("dora", 0.0), ("dora", 0.05))
 KINDS = ("plain", "same", "dlm")
 TARGETS = {"same": 0.03, "speedup": 1.25, "dora_lora": 1.10, "eta": 0.10, "memory": 0.25}
-DEFAULT_STEPS = 32  # per run: 13 runs in ~20-25 min on 2 CPU cores; 10% of the run is step 4 (3 warm-up)
+# One planner decision at a time, undone on the plan's own LoRA d=0 run: kind -> what that run changes
+ABLATIONS = {"packed": "`packing: true` (the plan: off)",
+             "malloc-off": "glibc's default allocator (the plan: `cpu_allocator: keep-freed`)",
+             "ckpt-on": "activation checkpointing on (the plan: off; TRL's default: on)"}
+REPEAT_STEPS = 16  # the second plain and same runs of a variant (A B B A order), and the closing dlm run
+DEFAULT_STEPS = 32  # per run: 24 runs in ~25 min on 2 CPU cores; 10% of the run is step 4 (3 warm-up)
 
 
 def variant_name(adapter: str, dropout: float) -> str:
@@ -34,7 +39,7 @@ def variant_name(adapter: str, dropout: float) -> str:
 
 def run_one(cfg: dict[str, Any], log_dir: Path, timeout: float = 1800) -> dict[str, Any]:
     """One worker process; its result dict, or {"error": ...} with the log's tail."""
-    name = f"{cfg['kind']}-{cfg['adapter']}-{cfg['dropout']:g}"
+    name = f"{cfg['kind']}-{cfg['adapter']}-{cfg['dropout']:g}" + (f"-r{cfg['repeat']}" if cfg.get("repeat") else "")
     log = log_dir / f"{name}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
@@ -48,34 +53,55 @@ def run_one(cfg: dict[str, Any], log_dir: Path, timeout: float = 1800) -> dict[s
     return {"config": cfg, "error": f"exit {proc.returncode}: " + "\n".join(tail)}
 
 
-def run_all(file: Path, home: Path, steps: int, log_dir: Path, *, variants=VARIANTS, kinds=KINDS, packed: bool = True,
+def run_all(file: Path, home: Path, steps: int, log_dir: Path, *, variants=VARIANTS, kinds=KINDS,
+            ablations: tuple[str, ...] = tuple(ABLATIONS), repeats: bool = True,
             on_result: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
-    results = []
-    for adapter, dropout in variants:
-        for kind in kinds:
-            cfg = {"kind": kind, "file": str(file), "adapter": adapter, "dropout": dropout, "steps": steps,
-                   "home": str(home)}
-            result = run_one(cfg, log_dir)
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
-    if packed:  # what `packing: true` earns on this document, beside the plan's own LoRA d=0 run
-        cfg = {"kind": "packed", "file": str(file), "adapter": "lora", "dropout": 0.0, "steps": steps, "home": str(home)}
+    """Every run, in order. Per variant: plain, same, [same, plain again with REPEAT_STEPS: the A B B A
+    order cancels a drift of the machine's speed out of the same-knobs ratio], dlm. Then the ablations
+    on LoRA d=0 and, closing them, the plan's own LoRA d=0 run once more (the ablations are compared
+    with the mean of its two runs)."""
+    results: list[dict[str, Any]] = []
+
+    def go(kind: str, adapter: str, dropout: float, n: int, repeat: int = 0) -> None:
+        cfg = {"kind": kind, "file": str(file), "adapter": adapter, "dropout": dropout, "steps": n, "home": str(home)}
+        if repeat:
+            cfg["repeat"] = repeat
         results.append(run_one(cfg, log_dir))
         if on_result is not None:
             on_result(results[-1])
+
+    short = min(steps, REPEAT_STEPS)
+    for adapter, dropout in variants:
+        for kind in kinds:
+            go(kind, adapter, dropout, steps)
+            if kind == "same" and repeats and "plain" in kinds:
+                go("same", adapter, dropout, short, 1)
+                go("plain", adapter, dropout, short, 1)
+    for kind in ablations:  # what each decision earns on this document, beside the plan's own LoRA d=0 run
+        go(kind, "lora", 0.0, steps)
+    if ablations and repeats and "dlm" in kinds:
+        go("dlm", "lora", 0.0, short, 1)
     return results
 
 
 # --- ratios --------------------------------------------------------------------------------------
 
 
-def _get(results: list[dict], kind: str, adapter: str, dropout: float) -> dict | None:
-    for r in results:
-        c = r["config"]
-        if (c["kind"], c["adapter"], c["dropout"]) == (kind, adapter, dropout) and "error" not in r:
+def _get(results: list[dict], kind: str, adapter: str, dropout: float, repeat: int = 0) -> dict | None:
+    for r in _all(results, kind, adapter, dropout):
+        if r["config"].get("repeat", 0) == repeat:
             return r
     return None
+
+
+def _all(results: list[dict], kind: str, adapter: str, dropout: float) -> list[dict]:
+    return [r for r in results if "error" not in r
+            and (r["config"]["kind"], r["config"]["adapter"], r["config"]["dropout"]) == (kind, adapter, dropout)]
+
+
+def _mean_tps(runs: list[dict]) -> float | None:
+    values = [_tps(r) for r in runs if _tps(r)]
+    return sum(values) / len(values) if values else None
 
 
 def _div(a: Any, b: Any) -> float | None:
@@ -89,7 +115,10 @@ def summarise(results: list[dict]) -> dict[str, Any]:
         plain, same, dlm = (_get(results, k, adapter, dropout) for k in KINDS)
         row = {"variant": variant_name(adapter, dropout), "adapter": adapter, "dropout": dropout,
                "plain": plain, "same": same, "dlm": dlm,
-               "same_vs_plain": _div(_tps(plain), _tps(same)),  # time per token, same / plain
+               # time per token, same / plain, from the mean tokens/s of each kind's runs (A B B A)
+               "same_vs_plain": _div(_mean_tps(_all(results, "plain", adapter, dropout)),
+                                     _mean_tps(_all(results, "same", adapter, dropout))),
+               "same_runs": len(_all(results, "same", adapter, dropout)),
                "speedup": _div(_tps(dlm), _tps(plain)),
                "loss_plain": plain and plain.get("eval_loss"), "loss_dlm": dlm and dlm.get("eval_loss")}
         rows.append(row)
@@ -112,9 +141,13 @@ def summarise(results: list[dict]) -> dict[str, Any]:
                 checks["dora_lora"].append(ratio <= TARGETS["dora_lora"])
     met = {k: (all(v) if v else None) for k, v in checks.items()}
     detail = _details(rows, dora)
-    packed, unpacked = _get(results, "packed", "lora", 0.0), _get(results, "dlm", "lora", 0.0)
-    packing = {"packed": packed, "unpacked": unpacked, "gain": _div(_tps(packed), _tps(unpacked))}
-    return {"rows": rows, "dora_lora": dora, "met": met, "checks": checks, "packing": packing, "detail": detail}
+    plan_runs = _all(results, "dlm", "lora", 0.0)
+    plan_run, plan_tps = (plan_runs[0] if plan_runs else None), _mean_tps(plan_runs)
+    ablations = [{"kind": kind, "label": label, "run": _get(results, kind, "lora", 0.0), "plan": plan_run,
+                  "plan_tps": plan_tps, "plan_runs": len(plan_runs),
+                  "plan_gain": _div(plan_tps, _tps(_get(results, kind, "lora", 0.0)))}
+                 for kind, label in ABLATIONS.items() if _get(results, kind, "lora", 0.0)]
+    return {"rows": rows, "dora_lora": dora, "met": met, "checks": checks, "ablations": ablations, "detail": detail}
 
 
 def _span(values: list[float], fmt: str, pre: str = "x") -> str:
@@ -172,15 +205,17 @@ def markdown(results: list[dict], summary: dict, info: dict[str, Any]) -> str:
     m, rows = info["machine"], summary["rows"]
     out = [f"# Performance: dlm vs a plain TRL script ({info['file']})", "",
            f"Generated by `{info['command']}` on {info['date']}; every figure below is the one that run printed.",
-           f"{info['steps']} optimizer steps per run, {len(results)} runs, {info['minutes']:.1f} min in all. "
-           f"Load average (1 min) {info['load_before']:.1f} before and {info['load_after']:.1f} after"
+           f"{info['steps']} optimizer steps per run ({min(info['steps'], REPEAT_STEPS)} for the repeats), "
+           f"{len(results)} runs, {info['minutes']:.1f} min in all. "
+           f"Load average (1 min) {info['load_before']:.1f} before the first run (the bench's own runs keep it "
+           f"near {m['cores']} while they train)"
            + (": other jobs shared the CPU, so absolute times are noisy; the ratios compare runs made "
-              "minutes apart." if max(info["load_before"], info["load_after"]) > 0.5 * m["cores"] else "."), "",
+              "minutes apart." if info["load_before"] > 0.5 * m["cores"] else "."), "",
            "## Machine", "",
            f"{m['device']} {m['name']}, {m['cores']} cores, {m['memory_gib']} GiB, native bf16: {m['native_bf16']}; "
            f"Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()), "",
            "## Speed (tokens/s over the steps after 2 warm-up steps; s/step is the median)", "",
-           "| variant | plain s/step | plain tok/s | same tok/s | same vs plain (time/token) | dlm s/step | dlm tok/s "
+           "| variant | plain s/step | plain tok/s | same tok/s | same vs plain (time/token, A B B A mean) | dlm s/step | dlm tok/s "
            "| dlm / plain tok/s | held-out loss plain / dlm | peak RSS plain / dlm (GiB) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -197,12 +232,19 @@ def markdown(results: list[dict], summary: dict, info: dict[str, Any]) -> str:
             out.append(f"- {r['variant']}: micro {d['micro']} x accum {d['accum']}, checkpointing "
                        f"{d['checkpointing']}, bf16 {d['bf16']}, packing {d.get('packing')}, runtime {d.get('runtime') or {}}; "
                        f"`{d.get('reason', '')}`")
-    pk = summary["packing"]
-    if pk["packed"] and pk["unpacked"]:
-        out += ["", f"`packing: true` on LoRA d=0: {_tps(pk['packed']):.0f} vs {_tps(pk['unpacked']):.0f} tokens/s "
-                f"(x{pk['gain']:.2f}), held-out loss {_f(pk['packed'].get('eval_loss'), '.4f')} vs "
-                f"{_f(pk['unpacked'].get('eval_loss'), '.4f')} after the same number of steps (a packed step holds "
-                f"more rows), peak RSS {pk['packed']['peak_bytes'] / 2**30:.2f} vs {pk['unpacked']['peak_bytes'] / 2**30:.2f} GiB."]
+    if summary["ablations"]:
+        out += ["", "## The plan's decisions one at a time (LoRA d=0)", "",
+                "Each run is dlm's own plan with one decision undone; *plan / this* > 1 means the decision earns "
+                "speed. *plan tok/s* is the mean of the plan's two LoRA d=0 runs (the first and the last run of "
+                "the bench). A packed step holds more rows, so its held-out loss after the same steps is not "
+                "comparable.", "",
+                "| run | tok/s | plan tok/s | plan / this (tok/s) | peak RSS this / plan (GiB) | held-out loss this / plan |",
+                "|---|---|---|---|---|---|"]
+        for a in summary["ablations"]:
+            r, pl = a["run"], a["plan"] or {}
+            out.append(f"| {a['label']} | {_f(_tps(r), '.0f')} | {_f(a['plan_tps'], '.0f')} | {_f(a['plan_gain'], '.3f', 'x')} | "
+                       f"{_f(r['peak_bytes'] / 2**30)} / {_f((pl.get('peak_bytes') or 0) / 2**30)} | "
+                       f"{_f(r.get('eval_loss'), '.4f')} / {_f(pl.get('eval_loss'), '.4f')} |")
     out += ["", "## DoRA / LoRA (time per token)", "", "| dropout | plain (TRL defaults) | dlm plan |", "|---|---|---|"]
     for dropout in (0.0, 0.05):
         by = {x["kind"]: x["ratio"] for x in summary["dora_lora"] if x["dropout"] == dropout}
@@ -216,6 +258,8 @@ def markdown(results: list[dict], summary: dict, info: dict[str, Any]) -> str:
             continue
         c = r["config"]
         real = r["real_total_s"]
+        if c.get("repeat"):  # the short repeats: too few steps for a forecast at 10%
+            continue
         out.append(f"| {c['kind']} {variant_name(c['adapter'], c['dropout'])} | {real:.1f} | "
                    f"{_f(_div(r.get('eta_hf_total_s'), real), '.2f', 'x')} | {_f(_div(r.get('eta_dlm_total_s'), real), '.2f', 'x')} |")
     out += ["", "## The planner's estimates vs the `dlm` runs", "",
@@ -237,17 +281,25 @@ def markdown(results: list[dict], summary: dict, info: dict[str, Any]) -> str:
             f"| DoRA / LoRA <= 1.10 under dlm's plan, dropout 0 and 0.05 | {det['dora_lora']} | {_yes(met['dora_lora'])} |",
             f"| dlm's ETA at 10% within 10% of the real total | {det['eta']} | {_yes(met['eta'])} |",
             f"| memory estimate within 25% of the measured peak RSS | {det['memory']} | {_yes(met['memory'])} |"]
+    if m["device"] == "cpu":
+        out += ["", "## GPU", "", "Not measured in this report: it ran on a CPU. Run `make bench` on a CUDA machine "
+                "for its table (tokens/s and the planner's decisions there: fused AdamW, sdpa, bf16 or fp16 by compute "
+                "capability); until then those decisions rest on the reasons the doctor prints, not on a measurement."]
     errors = [r for r in results if "error" in r]
     if errors:
         out += ["", "## Failed runs", ""] + [f"- {r['config']['kind']} {r['config']['adapter']} "
                                              f"{r['config']['dropout']}: `{r['error'][:300]}`" for r in errors]
-    out += ["", "## Method", "", METHOD.format(steps=info["steps"]), "", "![chart](performance.png)", ""]
+    out += ["", "## Method", "", METHOD.format(steps=info["steps"], repeat=min(info["steps"], REPEAT_STEPS)), "", "![chart](performance.png)", ""]
     return "\n".join(out)
 
 
 METHOD = """\
 - Each run is its own process (`python -m dlm.bench_worker`), so imports, loading and peak RSS are
-  its own. The three runs of a variant go back to back; the variants follow one another.
+  its own. A variant's runs go back to back in the order plain, same, same, plain, dlm: the second
+  same and plain runs have {repeat} steps, and the same-vs-plain ratio compares the mean tokens/s of
+  each kind's two runs, so a drift of the machine's speed during the four runs cancels out (runs
+  minutes apart on this shared 2-core machine differ by up to ~10% with identical knobs). The
+  variants follow one another; then the ablations, then the plan's LoRA d=0 run once more.
 - `plain`: `SFTTrainer(model=<base folder>, train_dataset=<rows>, args=SFTConfig(...),
   peft_config=LoraConfig(...))` as the TRL documentation writes it. Set to match dlm's run: the
   document's rows (rendered by dlm, the same for all runs), `r`, `lora_alpha`, `lora_dropout`,
@@ -256,8 +308,9 @@ METHOD = """\
   bf16 autocast (kept on where the hardware has fast bf16, switched off elsewhere, where it would be
   ~14x slower), PEFT's DoRA dropout, no evaluation during training.
 - `same`: `dlm.train.run` with the plan forced to those knobs (checkpointing on, fp32 weights with the
-  same autocast, `dora_dropout: input`, no packing, no evaluation or checkpoints in the loop). It
-  measures dlm's own overhead: callbacks, logging every step, the row format.
+  same autocast, TRL's default optimizer, `dora_dropout: input`, no packing, no evaluation or
+  checkpoints in the loop). It measures dlm's own overhead: callbacks, logging every step, the row
+  format.
 - `dlm`: `dlm.train.run` with the plan `dlm train` makes for the document (with `max_steps` {steps}); for DoRA
   with dropout > 0 the document also sets `dora_dropout: branch`, the option the doctor's
   `dora-with-dropout` finding suggests (the default is PEFT's form, `input`).
@@ -324,7 +377,7 @@ def run(file: Path, home: Path, *, steps: int, md: Path | None, png: Path | None
 
     def on_result(r: dict) -> None:
         c = r["config"]
-        head = f"{c['kind']:6s} {variant_name(c['adapter'], c['dropout']):10s}"
+        head = f"{c['kind']:10s} {variant_name(c['adapter'], c['dropout']):10s}" + (" (repeat)" if c.get("repeat") else "")
         on_line(f"{head} FAILED {r['error'][:200]}" if "error" in r else
                 f"{head} {r['steady_s']:.2f} s/step, {r['tokens_per_s']:.0f} tok/s, peak {r['peak_bytes'] / 2**30:.2f} GiB, "
                 f"held-out loss {_f(r.get('eval_loss'), '.4f')} ({r['wall_s']:.0f} s)")
@@ -345,7 +398,7 @@ def ratio_table(summary: dict) -> str:
                      f"{_f(r['loss_plain'], '.3f')}/{_f(r['loss_dlm'], '.3f')}")
     for x in summary["dora_lora"]:
         lines.append(f"DoRA/LoRA {x['kind']:5s} dropout {x['dropout']:g}: {_f(x['ratio'], '.3f', 'x')}")
-    if summary["packing"]["gain"] is not None:
-        lines.append(f"packing: true vs the plan (LoRA d=0): x{summary['packing']['gain']:.2f} tokens/s")
+    for a in summary["ablations"]:
+        lines.append(f"plan vs {a['kind']} (LoRA d=0): {_f(a['plan_gain'], '.3f', 'x')} tokens/s")
     lines += [f"target {k}: {'met' if v else 'not met' if v is False else 'not measured'}" for k, v in summary["met"].items()]
     return "\n".join(lines)

@@ -10,9 +10,11 @@ every run pays its own imports and its peak RSS is its own. The worker prints on
   targets, learning rate, sequence length and batch), plus `use_cpu` on a CPU. bf16 is TRL's
   default (on) unless the machine has no fast bf16, where it would be ~14x slower (then off).
 - `same`: `dlm.train.run` with a plan forced to the plain script's knobs (checkpointing on, PEFT's
-  DoRA dropout, fp32 weights with the same autocast, no evaluation or checkpoints in the loop).
+  DoRA dropout, fp32 weights with the same autocast, TRL's default optimizer, no evaluation or
+  checkpoints in the loop).
 - `dlm`: `dlm.train.run` with the plan `dlm train` would use for the document.
-- `packed`: the same with `packing: true` (measures what packing earns on this document).
+- `packed`, `malloc-off`, `ckpt-on`: dlm's plan with one decision undone (`packing: true`; glibc's
+  default allocator; activation checkpointing on), so the bench measures what each decision earns.
 
 Timing is identical for all kinds (one TrainerCallback): each optimizer step's compute time, the
 pauses after it (evaluation, saving), and the wall time of the training loop. Both ETAs are replayed
@@ -161,28 +163,38 @@ def run_plain(cfg: dict, hw: Any, out: Path) -> dict[str, Any]:
     loss = eval_loss(trainer.model, trainer.processing_class, p.heldout, max_length=kw["max_length"])
     return {**_summary(box, cfg["steps"]), "eval_loss": loss,
             "peak_bytes": _peak_rss(), "micro": kw["per_device_train_batch_size"],
-            "accum": kw["gradient_accumulation_steps"], "checkpointing": True, "bf16": plain_bf16(hw)}
+            "accum": kw["gradient_accumulation_steps"], "checkpointing": True, "bf16": plain_bf16(hw),
+            "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim))}
 
 
 def same_knobs(plan: Any, hw: Any) -> Any:
     """`plan` forced to the plain script's knobs (see the module docstring)."""
     import dataclasses
 
+    from trl import SFTConfig
+
     sft = {k: v for k, v in plan.sft_kwargs.items() if k != "eval_steps"}
+    # the plain script's optimizer is TRL's default (adamw_torch_fused with this stack)
+    trl_optim = SFTConfig(output_dir=tempfile.gettempdir(), use_cpu=hw.device == "cpu", bf16=plain_bf16(hw)).optim
     sft.update(activation_checkpointing=True, eval_strategy="no", save_strategy="no", packing=False,
-               bf16=plain_bf16(hw), fp16=False)
+               bf16=plain_bf16(hw), fp16=False, optim=str(getattr(trl_optim, "value", trl_optim)))
     return dataclasses.replace(plan, sft_kwargs=sft, runtime_kwargs={},
                                model_kwargs={**plan.model_kwargs, "dtype": "float32"})
 
 
 def run_dlm(cfg: dict, hw: Any, out: Path) -> dict[str, Any]:
+    import dataclasses
+
     from dlm import train
 
-    extra = {"same": {"dora_dropout": "input"}, "packed": {"packing": True}}.get(cfg["kind"])
+    extra = {"same": {"dora_dropout": "input"}, "packed": {"packing": True},
+             "ckpt-on": {"gradient_checkpointing": True}}.get(cfg["kind"])
     if cfg["kind"] == "dlm" and cfg["adapter"] == "dora" and cfg["dropout"] > 0:
         extra = {"dora_dropout": "branch"}  # the issue's "with the branch-dropout option"; the default is PEFT's form
     p = _prepare(cfg, hw, extra)
     plan = same_knobs(p.plan, hw) if cfg["kind"] == "same" else p.plan
+    if cfg["kind"] == "malloc-off":  # the plan with glibc's default allocator
+        plan = dataclasses.replace(plan, runtime_kwargs={k: v for k, v in plan.runtime_kwargs.items() if k != "malloc"})
     base_folder = _base_folder(p, cfg)
     box: dict = {"steps": [], "pauses": [], "tokens": {}}
 
@@ -198,7 +210,7 @@ def run_dlm(cfg: dict, hw: Any, out: Path) -> dict[str, Any]:
     return {**_summary(box, cfg["steps"]), "eval_loss": summary.eval_loss,
             "peak_bytes": summary.peak_memory_bytes, "micro": kw["per_device_train_batch_size"],
             "accum": kw["gradient_accumulation_steps"], "checkpointing": kw["activation_checkpointing"],
-            "bf16": kw["bf16"], "packing": kw["packing"], "runtime": plan.runtime_kwargs,
+            "bf16": kw["bf16"], "packing": kw["packing"], "runtime": plan.runtime_kwargs, "optim": kw["optim"],
             "est_step_s": est.step_seconds, "est_peak_bytes": est.peak_memory_bytes,
             "est_total_s": est.total_seconds, "reason": p.plan.reason}
 

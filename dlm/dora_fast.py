@@ -27,11 +27,33 @@ Mechanism: PEFT's `lora.Linear.forward` delegates DoRA to a per-layer, per-adapt
 `forward` with `_branch_forward` or `_factored_forward` (an instance attribute), nothing else: no class is patched, parameter
 names, state_dict, merge/unmerge and `save_pretrained` stay PEFT's, and the saved adapter is a plain
 PEFT DoRA adapter. Heavy imports live inside functions; only `dlm.train` imports this module.
+
+The factored norm is also cached: it depends on A, B and W only, which change at an optimizer step,
+not between the micro batches of one step (nor in a checkpointed layer's second forward). The cache
+key holds a count of optimizer steps taken in this process (a global post-step hook of
+`torch.optim`, which fires for every torch optimizer, fused kernels included; those do not bump a
+tensor's version counter) and the data pointers and version counters of A, B and W (any other
+in-place change: `load_state_dict`, a resumed checkpoint, a user's edit).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process, counted once the hook is registered
+_HOOK: list[Any] = []
+
+
+def _count_optimizer_steps() -> None:
+    """Register (once per process) the global post-step hook that invalidates cached norms."""
+    if _HOOK:
+        return
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def bump(optimizer: Any, args: Any, kwargs: Any) -> None:
+        _OPTIMIZER_STEPS[0] += 1
+
+    _HOOK.append(register_optimizer_step_post_hook(bump))
 
 
 def enable_branch_dropout(model: Any, *, factored_norm: bool = False) -> int:
@@ -50,6 +72,8 @@ def enable_branch_dropout(model: Any, *, factored_norm: bool = False) -> int:
     from peft.tuners.lora.layer import Linear
     from peft.tuners.lora.variants import DoraLinearVariant
 
+    if factored_norm:
+        _count_optimizer_steps()
     layers = 0
     for module in model.modules():
         if not isinstance(module, Linear):
@@ -129,14 +153,22 @@ def _factored_forward(module: Any, active_adapter: str, x: Any, result: Any, **k
         return _branch_forward(module, active_adapter, x, result, **kwargs)
     dora = module.lora_magnitude_vector[active_adapter]
     scale = module.scaling[active_adapter]
-    with torch.no_grad():
-        key = (weight.data_ptr(), weight._version, weight.dtype)
-        if getattr(dora, "_dlm_w2_key", None) != key:  # a plain attribute: never in the state_dict
-            dora._dlm_w2, dora._dlm_w2_key = weight.float().pow(2).sum(1), key
-        a, b = lora_a.weight.float(), lora_b.weight.float()
-        wa = (weight @ lora_a.weight.t().to(weight.dtype)).float()  # (out, r)
-        norm2 = dora._dlm_w2 + 2 * scale * (wa * b).sum(1) + scale * scale * ((b @ (a @ a.t())) * b).sum(1)
-        norm = norm2.clamp_min(0).sqrt()
+    a_w, b_w = lora_a.weight, lora_b.weight
+    key = (_OPTIMIZER_STEPS[0], scale, a_w.data_ptr(), a_w._version, b_w.data_ptr(), b_w._version,
+           weight.data_ptr(), weight._version, weight.dtype)
+    norm = getattr(dora, "_dlm_norm", None)  # plain attributes: never in the state_dict
+    if norm is None or getattr(dora, "_dlm_norm_key", None) != key:
+        # Outside autocast: under it the r x r and out x r products would run as tiny bf16 kernels,
+        # ~9x slower on a CPU than these fp32 ones (and rounded to bf16 for nothing).
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            w2_key = (weight.data_ptr(), weight._version, weight.dtype)
+            if getattr(dora, "_dlm_w2_key", None) != w2_key:
+                dora._dlm_w2, dora._dlm_w2_key = weight.float().pow(2).sum(1), w2_key
+            a, b = a_w.float(), b_w.float()
+            wa = (weight @ a_w.t().to(weight.dtype)).float()  # (out, r)
+            norm2 = dora._dlm_w2 + 2 * scale * (wa * b).sum(1) + scale * scale * ((b @ (a @ a.t())) * b).sum(1)
+            norm = norm2.clamp_min(0).sqrt()
+        dora._dlm_norm, dora._dlm_norm_key = norm, key
     g = (dora.weight / norm).view(1, -1)
     lora = lora_b(lora_a(module.lora_dropout[active_adapter](x)))
     bias = base.bias

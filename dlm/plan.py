@@ -32,6 +32,9 @@ OVERHEAD = {"cpu": 1.2 * GIB, "mps": 1.2 * GIB, "cuda": 0.5 * GIB}  # process RS
 OPT_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2,
                    "galore_adamw": 8, "galore_adamw_8bit": 2, "galore_adamw_layerwise": 8, "adafactor": 0.5}
 CPU_FLOPS_PER_CORE = 28e9  # fp32, AVX-512: calibrated on SmolLM2-135M LoRA steps (STACK.md)
+# A CPU with AMX (Sapphire Rapids and later) is a faster generation: calibrated on a 2-core Xeon with
+# amx_bf16 (`dlm doctor --probe 8` of configs/corpus-lora.dlm: fp32 1.95 s, bf16 1.53 s per step)
+CPU_AMX_FLOPS_PER_CORE, CPU_AMX_BF16 = 140e9, 1.4
 CPU_NO_AVX512 = 0.6
 CPU_NATIVE_BF16 = 1.5  # measured on a 2-core EPYC with avx512_bf16: a LoRA step 1.4x, matmuls 2.0x
 CPU_EMULATED = 14.0  # measured: emulated bf16 96 s vs fp32 7 s per step
@@ -47,6 +50,7 @@ GPU_PEAK = {  # compute capability -> (16-bit tensor-core, fp32) dense FLOP/s of
     (12, 0): (210e12, 105e12),
 }
 MPS_PEAK = 7e12  # an M2/M3 Pro-class GPU, fp32 ~= fp16
+MALLOC_MMAP = 32 * 2**20  # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
 OUTSIDE_BLOCKS = ("lm_head", "embed_tokens")  # targetable modules outside the decoder blocks
 
 
@@ -168,6 +172,9 @@ def _memory(hw: HardwareFacts, base: BaseFacts, optimizer: str, precision: str, 
 
 def _flops_rate(hw: HardwareFacts, precision: str) -> float:
     if hw.device == "cpu":
+        if "amx_bf16" in hw.cpu_flags:
+            rate = CPU_AMX_FLOPS_PER_CORE * hw.cores
+            return rate * CPU_AMX_BF16 if precision == "bf16" else rate if precision == "fp32" else rate / CPU_EMULATED
         rate = CPU_FLOPS_PER_CORE * hw.cores * (1.0 if "avx512f" in hw.cpu_flags else CPU_NO_AVX512)
         if precision == "bf16" and hw.native_bf16:
             return rate * CPU_NATIVE_BF16
@@ -239,6 +246,20 @@ def _packing_why(packing: bool, given: bool, padding: float) -> str:
                 "and sdpa masks block-diagonally, so rows never attend to each other (tests/test_train.py)")
     return (f"{src}: each batch pads to its longest row (~{padding:.0%} of a step's row slots estimated as "
             "padding); packing: true removes that but did not raise tokens/s on a 2-core CPU (docs/performance.md)")
+
+
+def _cpu_runtime(hw: HardwareFacts, world: int, decide: Any) -> dict[str, Any]:
+    """The CPU settings train.py applies in its own process (dlm/cpu_runtime.py), each a decision."""
+    threads = decide("cpu_threads", max(1, hw.cores // world), (
+        f"{hw.cores} core(s) for {world} process(es): torch's intra-op threads per process (in one process "
+        "never more than torch's own default, which counts physical cores: hyper-threads slow its matmuls); "
+        "torchrun would leave each process OMP_NUM_THREADS=1 and the other cores idle"))
+    malloc = decide("cpu_allocator", "keep-freed", (
+        f"glibc malloc hands every freed block over its mmap threshold back to the kernel, so each step's "
+        f"activations and logits fault in fresh zeroed pages: dlm raises the threshold to {MALLOC_MMAP >> 20} MiB "
+        "and stops heap trimming (mallopt), so freed blocks are reused; x1.08-1.10 tokens/s, same peak RSS "
+        "(docs/performance.md); Linux with glibc only, elsewhere nothing changes"))
+    return {"threads": threads, "malloc": malloc}
 
 
 def _bounded_pow2(cap: int) -> list[int]:
@@ -340,8 +361,17 @@ def make_plan(spec: Spec, hardware: HardwareFacts, base: BaseFacts, corpus: Corp
                   f"{budget / GIB:.1f} GiB budget; TRL's default-on would cost ~20% of step time for nothing "
                   "(3.7 vs 3.1 s/step measured)")
     decide("gradient_checkpointing", ckpt, ck_why)
-    decide("optimizer", t.optimizer, ("spec" if "optimizer" in given else "default") +
-           (": GaLore projects exactly the adapter's lora_A/lora_B layers" if t.optimizer.startswith("galore") else ""))
+    optim = t.optimizer
+    if "optimizer" in given:
+        optim_why = "spec" + (": GaLore projects exactly the adapter's lora_A/lora_B layers"
+                              if optim.startswith("galore") else "")
+    elif hw.device == "cuda":
+        optim, optim_why = "adamw_torch_fused", ("auto: CUDA: torch's fused AdamW, one kernel for every parameter "
+                                                 "instead of a chain of foreach kernels; the same update")
+    else:
+        optim_why = (f"default: adamw_torch (foreach); on a {hw.device} the update of an adapter's few "
+                     "parameters is a negligible share of a step")
+    decide("optimizer", optim, optim_why)
 
     steps_per_epoch = max(1, math.ceil(math.ceil(n_rows / (micro * world)) / accum))
     steps = t.max_steps or math.ceil(t.num_epochs * steps_per_epoch)
@@ -377,7 +407,7 @@ def make_plan(spec: Spec, hardware: HardwareFacts, base: BaseFacts, corpus: Corp
         "gradient_accumulation_steps": accum, "num_train_epochs": float(t.num_epochs),
         "max_steps": t.max_steps or -1, "learning_rate": t.learning_rate, "lr_scheduler_type": t.lr_scheduler,
         "warmup_steps": float(t.warmup_ratio), "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
-        "optim": t.optimizer, "seed": t.seed, "data_seed": t.seed, "max_length": seq, "packing": t.packing,
+        "optim": optim, "seed": t.seed, "data_seed": t.seed, "max_length": seq, "packing": t.packing,
         "completion_only_loss": True, "bf16": precision == "bf16", "fp16": precision == "fp16",
         "use_cpu": hw.device == "cpu", "activation_checkpointing": ckpt, "logging_steps": t.logging_steps,
         "eval_strategy": "steps" if has_eval else "no", "save_strategy": "steps", "save_steps": save_steps,
@@ -410,9 +440,11 @@ def make_plan(spec: Spec, hardware: HardwareFacts, base: BaseFacts, corpus: Corp
                       purpose, sharding)
     findings = collect(spec, hw, base, corpus, derived)
     head = {"precision": precision, "attn": attn, "qlora": "on" if qlora else "off", "adapter": t.adapter,
-            "optim": t.optimizer}
+            "optim": optim}
     # At lora_dropout 0 the two forms are the same function, so dlm's faster forward is used either way.
     fast = dora and (t.dora_dropout == "branch" or t.lora_dropout == 0)
-    runtime = {"dora_dropout": "branch", "dora_norm": "factored"} if fast else {}
+    runtime: dict[str, Any] = {"dora_dropout": "branch", "dora_norm": "factored"} if fast else {}
+    if hw.device == "cpu":
+        runtime.update(_cpu_runtime(hw, world, decide))
     return Plan(tuple(decisions), lora_kwargs, sft, model_kwargs, findings, estimates, reason_line(head, findings),
                 world, runtime, sharding)

@@ -27,7 +27,7 @@ def _results(dora_tax: float = 1.05) -> list[dict]:
         tax = dora_tax if adapter == "dora" else 1.0
         out += [_result("plain", adapter, dropout, 100 / tax / 1.2), _result("same", adapter, dropout, 99 / tax / 1.2),
                 _result("dlm", adapter, dropout, 150 / tax, loss=1.99)]
-    return out + [_result("packed", "lora", 0.0, 180.0)]
+    return out + [_result("packed", "lora", 0.0, 180.0), _result("malloc-off", "lora", 0.0, 136.0)]
 
 
 def test_summary_ratios_and_targets() -> None:
@@ -39,9 +39,42 @@ def test_summary_ratios_and_targets() -> None:
     assert {x["kind"]: x["ratio"] for x in s["dora_lora"] if x["dropout"] == 0.05} == pytest.approx(
         {"plain": 1.05, "dlm": 1.05})
     assert s["met"] == {"same": True, "speedup": True, "dora_lora": True, "eta": True, "memory": True}
-    assert s["packing"]["gain"] == pytest.approx(1.2)
+    gains = {a["kind"]: a["plan_gain"] for a in s["ablations"]}  # the plan's tokens/s over the ablation's
+    assert gains == pytest.approx({"packed": 150 / 180, "malloc-off": 150 / 136})  # no ckpt-on run: left out
     assert s["detail"]["speedup"].startswith("tokens/s x1.80; held-out loss vs plain -0.50%")
     assert s["detail"]["memory"] == "estimate / peak RSS x1.10" and s["detail"]["eta"] == "projected / real x1.04"
+
+
+def test_same_vs_plain_uses_the_mean_of_the_abba_runs_and_ablations_the_plan_mean() -> None:
+    results = _results()
+    results.insert(2, _result("same", "lora", 0.0, 109.0, repeat=1))  # drift: the later runs are faster
+    results.insert(3, _result("plain", "lora", 0.0, 110.0, repeat=1))
+    results.append(_result("dlm", "lora", 0.0, 170.0, repeat=1))
+    for r in results:
+        if r.get("repeat"):
+            r["config"]["repeat"] = r.pop("repeat")
+    s = bench.summarise(results)
+    row = s["rows"][0]
+    assert row["same_vs_plain"] == pytest.approx(((100 / 1.2 + 110) / 2) / ((99 / 1.2 + 109) / 2))
+    assert row["same_runs"] == 2 and row["same"]["config"].get("repeat", 0) == 0  # the table shows the main run
+    assert row["speedup"] == pytest.approx(1.8)  # dlm vs plain: the main runs only
+    gains = {a["kind"]: a["plan_gain"] for a in s["ablations"]}
+    assert gains["malloc-off"] == pytest.approx((150 + 170) / 2 / 136)
+
+
+def test_run_order_is_abba_per_variant_then_ablations_then_the_plan_again(monkeypatch, tmp_path: Path) -> None:
+    seen: list[tuple] = []
+
+    def record(cfg: dict, log_dir: Path) -> dict:
+        seen.append((cfg["kind"], cfg["adapter"], cfg["dropout"], cfg["steps"], cfg.get("repeat", 0)))
+        return {"config": cfg, "error": "not run"}
+
+    monkeypatch.setattr(bench, "run_one", record)
+    bench.run_all(Path("doc.dlm"), tmp_path, 32, tmp_path, variants=(("dora", 0.05),))
+    assert seen == [("plain", "dora", 0.05, 32, 0), ("same", "dora", 0.05, 32, 0), ("same", "dora", 0.05, 16, 1),
+                    ("plain", "dora", 0.05, 16, 1), ("dlm", "dora", 0.05, 32, 0),
+                    ("packed", "lora", 0.0, 32, 0), ("malloc-off", "lora", 0.0, 32, 0), ("ckpt-on", "lora", 0.0, 32, 0),
+                    ("dlm", "lora", 0.0, 16, 1)]
 
 
 def test_targets_can_fail_and_missing_runs_are_unknown() -> None:
@@ -60,10 +93,10 @@ def test_markdown_and_chart(tmp_path: Path) -> None:
     results = _results()
     s = bench.summarise(results)
     info = {"file": "configs/corpus-lora.dlm", "steps": 40, "command": "make bench", "date": "today", "minutes": 20.0,
-            "load_before": 0.5, "load_after": 3.0, "machine": bench.machine()}
+            "load_before": 1.5, "load_after": 3.0, "machine": bench.machine()}
     text = bench.markdown(results, s, info)
     for part in ("## Machine", "## Speed", "## DoRA / LoRA", "## ETA", "## The planner's estimates", "## Targets",
-                 "## Method", "x1.80", "**met**", "other jobs shared the CPU", "`packing: true` on LoRA d=0"):
+                 "## Method", "## GPU", "x1.80", "**met**", "other jobs shared the CPU", "## The plan's decisions one at a time", "| `packing: true` (the plan: off) | 180 | 150 | x0.833 |"):
         assert part in text, part
     out = bench.report(results, info, tmp_path / "perf.md", tmp_path / "perf.png")  # what --from-results does
     assert (tmp_path / "perf.md").read_text() == text == out["markdown"]
@@ -88,6 +121,7 @@ def test_worker_same_knobs_trains_exactly_what_the_plain_script_trains(tmp_path:
         assert r["steps"] == 4 and r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 and r["real_total_s"] > 0
     assert same["tokens"] == plain["tokens"]
     assert same["eval_loss"] == pytest.approx(plain["eval_loss"], abs=1e-6)
-    assert same["checkpointing"] is True and same["runtime"] == {}
-    assert dlm["runtime"] == {"dora_dropout": "branch", "dora_norm": "factored"} and dlm["checkpointing"] is False
+    assert same["checkpointing"] is True and same["runtime"] == {} and same["optim"] == plain["optim"]
+    assert dlm["runtime"] == {"dora_dropout": "branch", "dora_norm": "factored", "threads": dlm["runtime"]["threads"],
+                              "malloc": "keep-freed"} and dlm["checkpointing"] is False
     assert not (tmp_path / "home" / "store").exists()

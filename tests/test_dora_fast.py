@@ -352,3 +352,34 @@ def test_factored_norm_keeps_the_adapter_plain_and_follows_weight_changes():
             for m in _adapted(model):
                 m.get_base_layer().weight.mul_(1.5)
     torch.testing.assert_close(fast(input_ids=_ids()).logits, ref(input_ids=_ids()).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "foreach"])
+def test_factored_norm_cache_follows_every_optimizer_step(optimizer):
+    """The norm is cached between the micro batches of one step; after every optimizer step (a fused
+    AdamW bumps no version counter) the next forward must see the new A and B, as PEFT's code does."""
+    import torch
+
+    from dlm import dora_fast
+    from dlm.dora_fast import enable_branch_dropout
+
+    fast, ref = _tiny_dora(dropout=0.0), _tiny_dora(dropout=0.0)
+    enable_branch_dropout(fast, factored_norm=True)
+    fast.train(), ref.train()
+    params = [p for p in fast.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.05, **{optimizer: True})
+    ids = _ids()
+    for step in range(3):
+        seen = dora_fast._OPTIMIZER_STEPS[0]
+        for micro in range(2):  # two micro batches: the second one reuses the cached norms
+            fast(input_ids=ids, labels=ids).loss.backward()
+            norms = [m.lora_magnitude_vector["default"]._dlm_norm for m in _adapted(fast)]
+            if micro == 0:
+                first = norms
+        assert all(a is b for a, b in zip(first, norms)), "the second micro batch recomputed the norms"
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert dora_fast._OPTIMIZER_STEPS[0] == seen + 1
+        ref.load_state_dict(fast.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

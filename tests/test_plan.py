@@ -207,11 +207,11 @@ def test_reason_line_on_the_cpu_fixture() -> None:
 
 def test_reason_line_lists_blocks_before_warnings_and_no_infos() -> None:
     p = plan("t4", "llama-3.1-8b", learning_rate=1e-5, max_steps=100)
-    expected = (r"reason: precision=fp16, attn=sdpa, qlora=off, adapter=lora, optim=adamw_torch, "
+    expected = (r"reason: precision=fp16, attn=sdpa, qlora=off, adapter=lora, optim=adamw_torch_fused, "
                 r"block=memory-over-budget\(\d+\.\dGiB>15\.0GiB\), warn=lora-lr-low\(1e-05\)")
     assert re.fullmatch(expected, p.reason), p.reason
     clean = plan("a100-40g", "qwen2.5-0.5b", max_steps=100)
-    assert clean.reason == "reason: precision=bf16, attn=sdpa, qlora=off, adapter=lora, optim=adamw_torch"
+    assert clean.reason == "reason: precision=bf16, attn=sdpa, qlora=off, adapter=lora, optim=adamw_torch_fused"
 
 
 # --- decisions ---------------------------------------------------------------------------------
@@ -386,25 +386,30 @@ def test_lora_kwargs() -> None:
     assert plan(adapter="qlora").lora_kwargs["use_dora"] is False
 
 
+def dora_rt(p: Plan) -> dict[str, Any]:
+    """The DoRA part of a plan's runtime settings (a CPU plan also holds threads and malloc)."""
+    return {k: v for k, v in p.runtime_kwargs.items() if k.startswith("dora_")}
+
+
 def test_dora_dropout_decision_and_runtime_kwargs() -> None:
     default = plan(adapter="dora", lora_dropout=0.05)  # PEFT's form unless the spec asks for branch
-    assert default.decision("dora_dropout") == "input" and default.runtime_kwargs == {}
+    assert default.decision("dora_dropout") == "input" and dora_rt(default) == {}
     assert "dora-with-dropout" in {f.code for f in default.findings}
     branch = plan(adapter="dora", lora_dropout=0.05, dora_dropout="branch")
     assert branch.decision("dora_dropout") == "branch"
     assert "dora-with-dropout" not in {f.code for f in branch.findings}
     assert "base output reused" in next(d.reason for d in branch.decisions if d.key == "dora_dropout")
-    assert branch.runtime_kwargs == {"dora_dropout": "branch", "dora_norm": "factored"}
+    assert dora_rt(branch) == {"dora_dropout": "branch", "dora_norm": "factored"}
     assert branch.lora_kwargs["lora_dropout"] == 0.05 and "dora_dropout" not in branch.lora_kwargs  # plain PEFT
     peft_form = plan(adapter="dora", lora_dropout=0.05, dora_dropout="input")
-    assert peft_form.decision("dora_dropout") == "input" and peft_form.runtime_kwargs == {}
+    assert peft_form.decision("dora_dropout") == "input" and dora_rt(peft_form) == {}
     # at dropout 0 there is no dropout to place, but dlm's DoRA forward still computes the norm from factors
     zero = plan(adapter="dora")
-    assert zero.runtime_kwargs == {"dora_dropout": "branch", "dora_norm": "factored"}
+    assert dora_rt(zero) == {"dora_dropout": "branch", "dora_norm": "factored"}
     assert "from factors" in next(d.reason for d in zero.decisions if d.key == "dora_dropout")
     # at dropout 0 the two forms are one function: the faster forward whatever the spec says
-    assert plan(adapter="dora", dora_dropout="input").runtime_kwargs == zero.runtime_kwargs
-    assert plan(adapter="lora", lora_dropout=0.05).runtime_kwargs == {}
+    assert dora_rt(plan(adapter="dora", dora_dropout="input")) == dora_rt(zero)
+    assert dora_rt(plan(adapter="lora", lora_dropout=0.05)) == {}
     assert "dora_dropout" not in {d.key for d in plan(adapter="lora").decisions}
 
 
@@ -491,6 +496,17 @@ def _calibration(**training: Any) -> float:
 ])
 def test_cpu_step_time_is_within_25_percent_of_stack_measurements(training: dict, measured: float) -> None:
     assert _calibration(**training) == pytest.approx(measured, rel=0.25)
+
+
+@pytest.mark.parametrize(("precision", "measured"), [("bf16", 1.53), ("fp32", 1.95)])
+def test_amx_cpu_step_time_is_within_25_percent_of_a_probe(precision: str, measured: float) -> None:
+    """configs/corpus-lora.dlm (19 rows, ~60 tokens, longest 121; micro 4 x accum 2) on a 2-core Xeon with
+    AMX: `dlm doctor --probe 8` measured these steady step times (docs/estimates.md)."""
+    amx = dataclasses.replace(hw("cpu"), native_bf16=True, cpu_flags=("amx_bf16", "avx512_bf16", "avx512f", "avx2"))
+    spec = parse_spec({"dlm_id": ID, "base_model": "smollm2-135m", "training": {"precision": precision}})
+    rows = corpus(n_train=19, n_heldout=2, mean=60, longest=121)
+    est = make_plan(spec, amx, bases.resolve("smollm2-135m"), rows).estimates
+    assert est.step_seconds == pytest.approx(measured, rel=0.25)
 
 
 def test_emulated_bf16_costs_about_14x() -> None:
@@ -625,3 +641,31 @@ def test_galore_regex_matches_exactly_the_lora_layers_of_a_real_peft_model() -> 
                 picked.add(name)
         lora = {n for n, m in model.named_modules() if re.search(r"\.lora_[AB]\.default$", n)}
         assert picked == lora and len(lora) == 2 * 7 * 2
+
+
+def test_cpu_runtime_decisions_threads_and_allocator() -> None:
+    one = plan("cpu")
+    cores = hw("cpu").cores
+    assert one.decision("cpu_threads") == cores and one.decision("cpu_allocator") == "keep-freed"
+    assert one.runtime_kwargs == {"threads": cores, "malloc": "keep-freed"}
+    assert "mmap threshold" in next(d.reason for d in one.decisions if d.key == "cpu_allocator")
+    # several processes share the cores; never fewer than one thread each
+    two = plan("cpu", world_size=2)
+    assert two.runtime_kwargs["threads"] == max(1, cores // 2)
+    assert plan("cpu", world_size=cores * 4).runtime_kwargs["threads"] == 1
+    # a GPU or MPS run has no CPU runtime decisions
+    for machine in ("a100-40g", "mps"):
+        p = plan(machine)
+        assert not {"cpu_threads", "cpu_allocator"} & {d.key for d in p.decisions}
+        assert "threads" not in p.runtime_kwargs and "malloc" not in p.runtime_kwargs
+
+
+def test_optimizer_fused_on_cuda_unless_the_spec_names_one() -> None:
+    cuda = plan("a100-40g")
+    assert cuda.decision("optimizer") == "adamw_torch_fused" == cuda.sft_kwargs["optim"]
+    assert "fused" in next(d.reason for d in cuda.decisions if d.key == "optimizer")
+    named = plan("a100-40g", optimizer="adamw_torch")
+    assert named.decision("optimizer") == "adamw_torch" == named.sft_kwargs["optim"]
+    cpu = plan("cpu")
+    assert cpu.decision("optimizer") == "adamw_torch" == cpu.sft_kwargs["optim"]
+    assert plan("a100-40g", optimizer="galore_adamw").sft_kwargs["optim"] == "galore_adamw"

@@ -120,6 +120,9 @@ def test_adapter_trains_saves_reloads_and_merges(base: Path, tmp_path: Path, ada
     assert [e["step"] for e in log if "loss" in e] == [1, 2, 3]
     assert all(e["loss"] > 0 and e["tokens_per_s"] > 0 for e in log if "loss" in e)
     assert {"train_begin", "saved", "done"} <= set(events)
+    # a CPU plan's thread and allocator settings are applied before the base loads
+    assert plan.runtime_kwargs.get("malloc") == "keep-freed"
+    assert events.index("cpu_runtime") < events.index("load")
 
     # Every adapter tensor moved (LoRA B starts at zero, A only moves once B has; DoRA's magnitude too).
     assert snap.before and set(snap.before) == set(snap.after)
