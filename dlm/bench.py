@@ -29,7 +29,7 @@ TARGETS = {"same": 0.03, "speedup": 1.25, "dora_lora": 1.10, "eta": 0.10, "memor
 ABLATIONS = {"packed": "`packing: true` (the plan: off)",
              "malloc-off": "glibc's default allocator (the plan: `cpu_allocator: keep-freed`)",
              "ckpt-on": "activation checkpointing on (the plan: off; TRL's default: on)"}
-REPEAT_STEPS = 16  # the second plain and same runs of a variant (A B B A order), and the closing dlm run
+REPEAT_STEPS = 12  # the second plain and same runs of a variant (A B B A order)
 DEFAULT_STEPS = 32  # per run: 24 runs in ~25 min on 2 CPU cores; 10% of the run is step 4 (3 warm-up)
 
 
@@ -57,9 +57,10 @@ def run_all(file: Path, home: Path, steps: int, log_dir: Path, *, variants=VARIA
             ablations: tuple[str, ...] = tuple(ABLATIONS), repeats: bool = True,
             on_result: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
     """Every run, in order. Per variant: plain, same, [same, plain again with REPEAT_STEPS: the A B B A
-    order cancels a drift of the machine's speed out of the same-knobs ratio], dlm. Then the ablations
-    on LoRA d=0 and, closing them, the plan's own LoRA d=0 run once more (the ablations are compared
-    with the mean of its two runs)."""
+    order cancels a drift of the machine's speed out of the same-knobs ratio, and each kind has one
+    run of each length, so both means cover the same batches], dlm. Then the ablations on LoRA d=0
+    and, closing them, the plan's own LoRA d=0 run once more (the ablations are compared with the
+    mean of its two runs)."""
     results: list[dict[str, Any]] = []
 
     def go(kind: str, adapter: str, dropout: float, n: int, repeat: int = 0) -> None:
@@ -79,8 +80,8 @@ def run_all(file: Path, home: Path, steps: int, log_dir: Path, *, variants=VARIA
                 go("plain", adapter, dropout, short, 1)
     for kind in ablations:  # what each decision earns on this document, beside the plan's own LoRA d=0 run
         go(kind, "lora", 0.0, steps)
-    if ablations and repeats and "dlm" in kinds:
-        go("dlm", "lora", 0.0, short, 1)
+    if ablations and repeats and "dlm" in kinds:  # full length: the ablations are compared over the same steps
+        go("dlm", "lora", 0.0, steps, 1)
     return results
 
 
@@ -235,8 +236,8 @@ def markdown(results: list[dict], summary: dict, info: dict[str, Any]) -> str:
     if summary["ablations"]:
         out += ["", "## The plan's decisions one at a time (LoRA d=0)", "",
                 "Each run is dlm's own plan with one decision undone; *plan / this* > 1 means the decision earns "
-                "speed. *plan tok/s* is the mean of the plan's two LoRA d=0 runs (the first and the last run of "
-                "the bench). A packed step holds more rows, so its held-out loss after the same steps is not "
+                "speed. *plan tok/s* is the mean of the plan's two LoRA d=0 runs (one before the ablations, one "
+                "after them). A packed step holds more rows, so its held-out loss after the same steps is not "
                 "comparable.", "",
                 "| run | tok/s | plan tok/s | plan / this (tok/s) | peak RSS this / plan (GiB) | held-out loss this / plan |",
                 "|---|---|---|---|---|---|"]

@@ -71,10 +71,11 @@ def test_run_order_is_abba_per_variant_then_ablations_then_the_plan_again(monkey
 
     monkeypatch.setattr(bench, "run_one", record)
     bench.run_all(Path("doc.dlm"), tmp_path, 32, tmp_path, variants=(("dora", 0.05),))
-    assert seen == [("plain", "dora", 0.05, 32, 0), ("same", "dora", 0.05, 32, 0), ("same", "dora", 0.05, 16, 1),
-                    ("plain", "dora", 0.05, 16, 1), ("dlm", "dora", 0.05, 32, 0),
+    short = bench.REPEAT_STEPS
+    assert seen == [("plain", "dora", 0.05, 32, 0), ("same", "dora", 0.05, 32, 0), ("same", "dora", 0.05, short, 1),
+                    ("plain", "dora", 0.05, short, 1), ("dlm", "dora", 0.05, 32, 0),
                     ("packed", "lora", 0.0, 32, 0), ("malloc-off", "lora", 0.0, 32, 0), ("ckpt-on", "lora", 0.0, 32, 0),
-                    ("dlm", "lora", 0.0, 16, 1)]
+                    ("dlm", "lora", 0.0, 32, 1)]
 
 
 def test_targets_can_fail_and_missing_runs_are_unknown() -> None:
