@@ -72,6 +72,12 @@ def run_all(file: Path, home: Path, steps: int, log_dir: Path, *, variants=VARIA
             on_result(results[-1])
 
     short = min(steps, REPEAT_STEPS)
+    ready = run_one({"kind": "prepare", "file": str(file), "adapter": "lora", "dropout": 0.0, "steps": steps,
+                     "home": str(home)}, log_dir)
+    if "error" in ready:  # no base, no run: report it once rather than once per run
+        if on_result is not None:
+            on_result(ready)
+        return [ready]
     for adapter, dropout in variants:
         for kind in kinds:
             go(kind, adapter, dropout, steps)

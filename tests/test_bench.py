@@ -67,12 +67,12 @@ def test_run_order_is_abba_per_variant_then_ablations_then_the_plan_again(monkey
 
     def record(cfg: dict, log_dir: Path) -> dict:
         seen.append((cfg["kind"], cfg["adapter"], cfg["dropout"], cfg["steps"], cfg.get("repeat", 0)))
-        return {"config": cfg, "error": "not run"}
+        return {"config": cfg} if cfg["kind"] == "prepare" else {"config": cfg, "error": "not run"}
 
     monkeypatch.setattr(bench, "run_one", record)
     bench.run_all(Path("doc.dlm"), tmp_path, 32, tmp_path, variants=(("dora", 0.05),))
     short = bench.REPEAT_STEPS
-    assert seen == [("plain", "dora", 0.05, 32, 0), ("same", "dora", 0.05, 32, 0), ("same", "dora", 0.05, short, 1),
+    assert seen == [("prepare", "lora", 0.0, 32, 0), ("plain", "dora", 0.05, 32, 0), ("same", "dora", 0.05, 32, 0), ("same", "dora", 0.05, short, 1),
                     ("plain", "dora", 0.05, short, 1), ("dlm", "dora", 0.05, 32, 0),
                     ("packed", "lora", 0.0, 32, 0), ("malloc-off", "lora", 0.0, 32, 0), ("ckpt-on", "lora", 0.0, 32, 0),
                     ("dlm", "lora", 0.0, 32, 1)]
@@ -114,6 +114,8 @@ def test_worker_same_knobs_trains_exactly_what_the_plain_script_trains(tmp_path:
     doc = tmp_path / "notes.dlm"
     doc.write_text(DOC.format(base=tiny_base(tmp_path / "base")))
     cfg = {"file": str(doc), "adapter": "dora", "dropout": 0.05, "steps": 4, "home": str(tmp_path / "home")}
+    ready = bench.run_one({**cfg, "kind": "prepare"}, tmp_path)
+    assert Path(ready["base_folder"]) == tmp_path / "base" and "tokens_per_s" not in ready  # trains nothing
     plain = bench.run_one({**cfg, "kind": "plain"}, tmp_path)
     same = bench.run_one({**cfg, "kind": "same"}, tmp_path)
     dlm = bench.run_one({**cfg, "kind": "dlm"}, tmp_path)
