@@ -277,9 +277,9 @@ def markdown(results: list[dict], summary: dict, info: dict[str, Any]) -> str:
         if d:
             out.append(f"| {r['variant']} | {_f(d['est_step_s'])} | {_f(d['steady_s'])} | {_f(d['est_total_s'], '.0f')} | "
                        f"{_f(d['real_total_s'], '.0f')} | {_f(d['est_peak_bytes'] / 2**30)} | {_f(d['peak_bytes'] / 2**30)} |")
-    out += ["", f"Time estimates: {summary['detail']['time']}. The CPU time constants of the planner were "
-            "calibrated on another CPU (docs/estimates.md); `dlm doctor FILE --probe N` replaces them with "
-            "measurements on the machine at hand."]
+    out += ["", f"Time estimates: {summary['detail']['time']}. docs/estimates.md says which machine each CPU time "
+            "constant was fitted on; `dlm doctor FILE --probe N` replaces the estimates with measurements on the "
+            "machine at hand."]
     met, det = summary["met"], summary["detail"]
     out += ["", "## Targets (issue 5)", "", "| target | measured | result |", "|---|---|---|",
             f"| dlm with the plain script's knobs within 3% of its time per token | {det['same']} | {_yes(met['same'])} |",

@@ -10,9 +10,10 @@ No library takes these as arguments, so `dlm.train.run` applies them itself, bef
   2 GiB - 1)`. By default glibc serves every block over its (adaptive) mmap threshold with a fresh
   mapping and gives it back on free, and trims the heap top, so the few-MB activation and gradient
   tensors of every step fault in zeroed pages again. With the threshold at its 64-bit maximum and no
-  trimming, freed blocks are reused. Blocks over 32 MiB (the logits of a large batch) stay mmapped,
-  which keeps the peak RSS where it was. The settings last for the process; elsewhere than Linux
-  with glibc nothing is changed and the event says so.
+  trimming, freed blocks are reused. Blocks over 32 MiB (the logits of a large batch) stay mmapped.
+  `make bench` measured x1.07 tokens/s for ~0.2 GiB more peak RSS (the freed blocks stay with the
+  process). The settings last for the process; elsewhere than Linux with glibc nothing is changed
+  and the event says so.
 
 torch is imported inside `apply` only; the module itself is cheap to import.
 """

@@ -229,7 +229,8 @@ def _precision(choice: str, hw: HardwareFacts) -> tuple[str, str]:
 def _dora_dropout_why(mode: str, dropout: float, given: bool) -> str:
     src = "spec" if given else "default"
     norm = ("; the row norm ||W + sBA|| from factors (||W||^2 cached, W A^T, A A^T) instead of building W + sBA "
-            "each forward: DoRA/LoRA x1.08 vs x1.17 per step measured; the adapter saved is a plain PEFT DoRA adapter")
+            "each forward, once per optimizer step: DoRA/LoRA x1.06-1.08 under dlm's plan vs x1.11-1.29 with TRL's "
+            "defaults (make bench); the adapter saved is a plain PEFT DoRA adapter")
     if dropout == 0:
         return f"{src}: no dropout to place (PEFT already reuses the base output)" + norm
     if mode == "branch":
@@ -257,8 +258,8 @@ def _cpu_runtime(hw: HardwareFacts, world: int, decide: Any) -> dict[str, Any]:
     malloc = decide("cpu_allocator", "keep-freed", (
         f"glibc malloc hands every freed block over its mmap threshold back to the kernel, so each step's "
         f"activations and logits fault in fresh zeroed pages: dlm raises the threshold to {MALLOC_MMAP >> 20} MiB "
-        "and stops heap trimming (mallopt), so freed blocks are reused; x1.08-1.10 tokens/s, same peak RSS "
-        "(docs/performance.md); Linux with glibc only, elsewhere nothing changes"))
+        "and stops heap trimming (mallopt), so freed blocks are reused: x1.07 tokens/s for ~0.2 GiB more peak RSS "
+        "on the bench document (docs/performance.md); Linux with glibc only, elsewhere nothing changes"))
     return {"threads": threads, "malloc": malloc}
 
 
