@@ -325,7 +325,8 @@ METHOD = """\
   (evaluation, checkpoints). tokens/s = non-padding tokens (TRL's `num_tokens`) over the compute time
   of the steps after the first two; s/step is the median of those steps. Steps differ in length
   (each batch pads to its longest row), so compare tokens/s, not single steps.
-- Memory: peak RSS of the worker process (`ru_maxrss`), loading included.
+- Memory: `dlm.train.peak_memory` for every run: the worker's peak RSS (`ru_maxrss`, loading
+  included) on a CPU, `max_memory_allocated` on CUDA.
 - ETA: both forecasts are replayed from the same timeline at step ceil(0.1 x steps) and compared with
   the real time from the start to the end of the training loop (evaluations and saves included).
 - Held-out loss: `dlm.infer.eval_loss` on the document's held-out examples after the last step, the

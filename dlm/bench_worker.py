@@ -25,6 +25,7 @@ from that timeline: the cumulative average (HF Trainer / tqdm style) and `progre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -113,17 +114,16 @@ def _base_folder(p: Any, cfg: dict) -> Path:
     return bases.materialize(p.base, Path(cfg["home"]))
 
 
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _prepare(cfg: dict, hw: Any, extra: dict | None = None) -> Any:
     from dlm.prepare import prepare
 
     knobs = {"adapter": cfg["adapter"], "lora_dropout": cfg["dropout"], **cfg.get("overrides", {}), **(extra or {})}
     return prepare(cfg["file"], hw, max_steps=cfg["steps"], training_overrides=knobs)
+
+
+def _optim_name(optim: Any) -> str:
+    """TrainingArguments.optim is an OptimizerNames enum once the config is built; its plain name."""
+    return str(getattr(optim, "value", optim))
 
 
 def plain_bf16(hw: Any) -> bool:
@@ -140,7 +140,7 @@ def run_plain(cfg: dict, hw: Any, out: Path) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from dlm.infer import eval_loss
-    from dlm.train import rows
+    from dlm.train import peak_memory, rows
 
     p = _prepare(cfg, hw)
     base_folder = _base_folder(p, cfg)
@@ -164,29 +164,25 @@ def run_plain(cfg: dict, hw: Any, out: Path) -> dict[str, Any]:
     trainer.train()
     loss = eval_loss(trainer.model, trainer.processing_class, p.heldout, max_length=kw["max_length"])
     return {**_summary(box, cfg["steps"]), "eval_loss": loss,
-            "peak_bytes": _peak_rss(), "micro": kw["per_device_train_batch_size"],
+            "peak_bytes": peak_memory(), "micro": kw["per_device_train_batch_size"],
             "accum": kw["gradient_accumulation_steps"], "checkpointing": True, "bf16": plain_bf16(hw),
-            "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim))}
+            "optim": _optim_name(trainer.args.optim)}
 
 
 def same_knobs(plan: Any, hw: Any) -> Any:
     """`plan` forced to the plain script's knobs (see the module docstring)."""
-    import dataclasses
-
     from trl import SFTConfig
 
     sft = {k: v for k, v in plan.sft_kwargs.items() if k != "eval_steps"}
     # the plain script's optimizer is TRL's default (adamw_torch_fused with this stack)
     trl_optim = SFTConfig(output_dir=tempfile.gettempdir(), use_cpu=hw.device == "cpu", bf16=plain_bf16(hw)).optim
     sft.update(activation_checkpointing=True, eval_strategy="no", save_strategy="no", packing=False,
-               bf16=plain_bf16(hw), fp16=False, optim=str(getattr(trl_optim, "value", trl_optim)))
+               bf16=plain_bf16(hw), fp16=False, optim=_optim_name(trl_optim))
     return dataclasses.replace(plan, sft_kwargs=sft, runtime_kwargs={},
                                model_kwargs={**plan.model_kwargs, "dtype": "float32"})
 
 
 def run_dlm(cfg: dict, hw: Any, out: Path) -> dict[str, Any]:
-    import dataclasses
-
     from dlm import train
 
     extra = {"same": {"dora_dropout": "input"}, "packed": {"packing": True},

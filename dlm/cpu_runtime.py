@@ -25,8 +25,9 @@ import platform
 from collections.abc import Mapping
 from typing import Any
 
+from dlm.plan import MALLOC_MMAP as MMAP_THRESHOLD  # the value the plan's reason names
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
-MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 
 

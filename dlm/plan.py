@@ -173,11 +173,12 @@ def _memory(hw: HardwareFacts, base: BaseFacts, optimizer: str, precision: str, 
 def _flops_rate(hw: HardwareFacts, precision: str) -> float:
     if hw.device == "cpu":
         if "amx_bf16" in hw.cpu_flags:
-            rate = CPU_AMX_FLOPS_PER_CORE * hw.cores
-            return rate * CPU_AMX_BF16 if precision == "bf16" else rate if precision == "fp32" else rate / CPU_EMULATED
-        rate = CPU_FLOPS_PER_CORE * hw.cores * (1.0 if "avx512f" in hw.cpu_flags else CPU_NO_AVX512)
+            rate, bf16 = CPU_AMX_FLOPS_PER_CORE * hw.cores, CPU_AMX_BF16
+        else:
+            rate = CPU_FLOPS_PER_CORE * hw.cores * (1.0 if "avx512f" in hw.cpu_flags else CPU_NO_AVX512)
+            bf16 = CPU_NATIVE_BF16
         if precision == "bf16" and hw.native_bf16:
-            return rate * CPU_NATIVE_BF16
+            return rate * bf16
         return rate if precision == "fp32" else rate / CPU_EMULATED
     if hw.device == "mps":
         return MPS_PEAK * GPU_MFU

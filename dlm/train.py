@@ -297,7 +297,8 @@ def sft_config(plan: Plan, output_dir: Path, *, max_steps: int | None = None, ha
     return SFTConfig(output_dir=str(output_dir), **kwargs)
 
 
-def _peak_memory() -> int:
+def peak_memory() -> int:
+    """This process's peak: `max_memory_allocated` on CUDA, peak RSS elsewhere (bytes)."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -423,7 +424,7 @@ def run(plan: Plan, train_examples: Sequence[Example], heldout_examples: Sequenc
         seconds=time.monotonic() - t0,
         steady_step_seconds=statistics.median(steps_t[WARMUP_STEPS:] or steps_t) if steps_t else None,
         tokens_seen=box["tokens"],
-        peak_memory_bytes=_peak_memory(),
+        peak_memory_bytes=peak_memory(),
         trainable_params=trainable,
         total_params=total,
         adapter_dir=adapter_dir,
