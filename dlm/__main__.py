@@ -1,5 +1,5 @@
 """`python -m dlm` runs the command-line app."""
 
-from dlm.cli import main
+from dlm.cli.app import main
 
 main()

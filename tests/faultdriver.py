@@ -45,8 +45,8 @@ def train_child(doc: Path, home: Path, hw, log: Path) -> None:
     os.dup2(fd, 2)
     code = 0
     try:
-        from dlm import runs
         from dlm.errors import DlmError
+        from dlm.train import runs
 
         try:
             runs.train_document(doc, home, hw, resume=True)
@@ -54,15 +54,15 @@ def train_child(doc: Path, home: Path, hw, log: Path) -> None:
             if "no interrupted run" not in exc.message:
                 raise
             runs.train_document(doc, home, hw)
-    except BaseException:  # noqa: BLE001 - the parent reads the log and the exit code
+    except BaseException:
         traceback.print_exc()
         code = 3
     os._exit(code)
 
 
 def store_of(home: Path, doc: Path):
-    from dlm.doc import read_doc
-    from dlm.store import open_store
+    from dlm.doc.datafiles import read_doc
+    from dlm.store.store import open_store
 
     dlm_id = read_doc(doc).frontmatter["dlm_id"]
     return open_store(home, dlm_id, doc, "./tiny", readonly=True), dlm_id
@@ -70,7 +70,7 @@ def store_of(home: Path, doc: Path):
 
 def check_on_disk(home: Path, doc: Path) -> dict:
     """The state a kill leaves, before anyone repairs anything."""
-    from dlm.store import verify
+    from dlm.store.store import verify
 
     store, _ = store_of(home, doc)
     manifest = store.load_manifest()  # RunError when the manifest is damaged
@@ -83,7 +83,7 @@ def check_on_disk(home: Path, doc: Path) -> dict:
 def check_after_lock(home: Path, doc: Path) -> dict:
     """What the next `dlm train` sees once it holds the lock (and has reconciled)."""
     from dlm.errors import RunError
-    from dlm.store import open_store, verify
+    from dlm.store.store import open_store, verify
 
     _, dlm_id = store_of(home, doc)
     store = open_store(home, dlm_id, doc, "./tiny")
@@ -101,8 +101,11 @@ def check_after_lock(home: Path, doc: Path) -> dict:
     current = store.current_version()
     assert (current.name if current else None) == (complete[-1] if complete else None), (current, complete)
     assert manifest["current"] == (current.name if current else None), manifest["current"]
-    return {"current": current.name if current else None, "versions": complete,
-            "statuses": [r["status"] for r in manifest["runs"]]}
+    return {
+        "current": current.name if current else None,
+        "versions": complete,
+        "statuses": [r["status"] for r in manifest["runs"]],
+    }
 
 
 def poll(pid: int) -> int | None:
@@ -146,8 +149,14 @@ def trial(i: int, kind: str, delay: float, doc: Path, home: Path, hw, logs: Path
     outcome = "killed" if os.WIFSIGNALED(status) else f"exited {os.WEXITSTATUS(status)}"
     if outcome not in ("killed", "exited 0"):
         raise AssertionError(f"trial {i}: the child failed\n" + (logs / f"trial{i:02d}.log").read_text()[-3000:])
-    report = {"trial": i, "kind": kind, "delay": round(delay, 2), "hit": hit, "outcome": outcome,
-              "seconds": round(time.monotonic() - t0, 2)}
+    report = {
+        "trial": i,
+        "kind": kind,
+        "delay": round(delay, 2),
+        "hit": hit,
+        "outcome": outcome,
+        "seconds": round(time.monotonic() - t0, 2),
+    }
     report["on_disk"] = check_on_disk(home, doc)
     report["after_lock"] = check_after_lock(home, doc)
     return report
@@ -169,9 +178,9 @@ def main() -> int:
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    from dlm import hardware
+    from dlm.train import device
 
-    hw = hardware.probe()
+    hw = device.probe()
     rng = random.Random(args.seed)
     kinds = ["random"] * args.trials
     for at, kind in ((2, "checkpoint"), (5, "commit"), (7, "checkpoint"), (args.trials - 1, "commit")):
@@ -204,12 +213,23 @@ def main() -> int:
         same = weights == (reference.current_version() / "adapter_model.safetensors").read_bytes()
         log = [json.loads(x) for x in (store.current_version() / "log.jsonl").read_text().splitlines()]
         steps = [x["step"] for x in log if "loss" in x]
-        print(json.dumps({"trials": reports, "final": final, "steps": summary["steps"], "full_run_s": round(full, 2),
-                          "resumed_from": summary.get("resumed_from"), "same_as_uninterrupted": same,
-                          "logged_steps": steps}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "trials": reports,
+                    "final": final,
+                    "steps": summary["steps"],
+                    "full_run_s": round(full, 2),
+                    "resumed_from": summary.get("resumed_from"),
+                    "same_as_uninterrupted": same,
+                    "logged_steps": steps,
+                },
+                indent=1,
+            )
+        )
         assert steps == list(range(1, summary["steps"] + 1)), steps
         assert same, "the adapter after the kills differs from an uninterrupted run's"
-    except Exception:  # noqa: BLE001
+    except Exception:
         print(json.dumps({"trials": reports}, indent=1))
         traceback.print_exc()
         return 1

@@ -35,8 +35,14 @@ def tree(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.relative_to(folder).parts[0] != "dlm-home"}
 
 
-def refused(proc: subprocess.CompletedProcess, home: Path, *, where: str | None = None, message: str | None = None,
-            located: bool = True) -> re.Match | None:
+def refused(
+    proc: subprocess.CompletedProcess,
+    home: Path,
+    *,
+    where: str | None = None,
+    message: str | None = None,
+    located: bool = True,
+) -> re.Match | None:
     """Exit 2, no traceback, a `hint:` line, nothing in DLM_HOME; with `located`, `path:line:col: ...` first."""
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output, output
@@ -92,7 +98,9 @@ def laughs(fan: int, levels: int, indent: str = "", key: str = "k") -> list[str]
 
 
 @pytest.mark.parametrize("fan, levels", [(2, 16), (4, 8), (10, 5), (100, 3), (3000, 2)])
-def test_alias_bombs_of_several_depths_stop_at_the_node_bound(tmp_path: Path, home: Path, fan: int, levels: int) -> None:
+def test_alias_bombs_of_several_depths_stop_at_the_node_bound(
+    tmp_path: Path, home: Path, fan: int, levels: int
+) -> None:
     p = write(tmp_path, "bomb.dlm", FRONT + "\n".join(laughs(fan, levels)) + "\n---\nProse.\n")
     m = doctor_refuses(tmp_path, "bomb.dlm", home, message="expands to more than 10,000")
     key = re.search(r"'(k\d+)' expands", m.string)[1]  # the first key whose value crosses the bound
@@ -112,7 +120,9 @@ def test_alias_bomb_hidden_under_a_real_key(tmp_path: Path, home: Path) -> None:
     """The bound counts nodes, not keys: a bomb inside training.target_modules is stopped too."""
     nested = ", ".join(f"&t{i} [" + ", ".join([f"*t{i - 1}" if i else "q_proj"] * 10) + "]" for i in range(6))
     write(tmp_path, "hidden.dlm", FRONT + f"training:\n  target_modules: [{nested}]\n---\nProse.\n")
-    doctor_refuses(tmp_path, "hidden.dlm", home, where="hidden.dlm:5:1", message="'training' expands to more than 10,000")
+    doctor_refuses(
+        tmp_path, "hidden.dlm", home, where="hidden.dlm:5:1", message="'training' expands to more than 10,000"
+    )
 
 
 def test_alias_bomb_in_a_standalone_spec(tmp_path: Path, home: Path) -> None:
@@ -129,14 +139,19 @@ def test_self_referencing_alias_hits_the_depth_limit(tmp_path: Path, home: Path,
 # ---------------------------------------------------------------- deep nesting
 
 
-@pytest.mark.parametrize("name, yaml_text, line", [
-    ("flow-lists", "extra: " + "[" * 1000 + "]" * 1000, 5),
-    ("flow-lists-unclosed", "extra: " + "[" * 1000, 5),
-    ("flow-maps", "extra: " + "{a: " * 1000 + "1" + "}" * 1000, 5),
-    ("block-maps", "\n".join(" " * i + f"k{i}:" for i in range(1000)) + " 1", 25),
-    ("block-lists", "extra:\n" + "- " * 1000 + "x", 6),
-])
-def test_thousand_level_nesting_is_refused_at_level_21(tmp_path: Path, home: Path, name: str, yaml_text: str, line: int) -> None:
+@pytest.mark.parametrize(
+    "name, yaml_text, line",
+    [
+        ("flow-lists", "extra: " + "[" * 1000 + "]" * 1000, 5),
+        ("flow-lists-unclosed", "extra: " + "[" * 1000, 5),
+        ("flow-maps", "extra: " + "{a: " * 1000 + "1" + "}" * 1000, 5),
+        ("block-maps", "\n".join(" " * i + f"k{i}:" for i in range(1000)) + " 1", 25),
+        ("block-lists", "extra:\n" + "- " * 1000 + "x", 6),
+    ],
+)
+def test_thousand_level_nesting_is_refused_at_level_21(
+    tmp_path: Path, home: Path, name: str, yaml_text: str, line: int
+) -> None:
     write(tmp_path, f"{name}.dlm", FRONT + yaml_text + "\n---\nProse.\n")
     m = doctor_refuses(tmp_path, f"{name}.dlm", home, message="nested deeper than 20")
     assert int(m["line"]) == line
@@ -173,19 +188,39 @@ def test_data_file_over_the_size_limit(tmp_path: Path, home: Path) -> None:
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89"
 
 
-@pytest.mark.parametrize("name, content, where, message", [
-    ("png.dlm", PNG, "png.dlm:1:1", "not valid UTF-8 (byte 0x89)"),
-    ("elf.dlm", b"\x7fELF\x02\x01\x01\x00" + bytes(56), "elf.dlm:1:8", "binary file"),
-    ("zeros.dlm", bytes(4096), "zeros.dlm:1:1", "binary file"),
-    ("utf16le.dlm", "\ufeff---\ndlm_id: x\n---\n".encode("utf-16-le"), "utf16le.dlm:1:1", "not valid UTF-8 (byte 0xff)"),
-    ("utf16be.dlm", "\ufeff---\ndlm_id: x\n---\n".encode("utf-16-be"), "utf16be.dlm:1:1", "not valid UTF-8 (byte 0xfe)"),
-    ("utf16.yaml", f"dlm_id: {ID}\n".encode("utf-16"), "utf16.yaml:1:1", "not valid UTF-8"),
-    ("cp1252.dlm", (FRONT + "system_prompt: Be \u201cbrief\u201d.\n---\nx\n").encode("cp1252"), "cp1252.dlm:5:19", "byte 0x93"),
-    ("overlong.dlm", (FRONT + "---\n").encode() + b"a \xc0\xaf b\n", "overlong.dlm:6:3", "byte 0xc0"),
-    ("cesu.dlm", (FRONT + "---\n").encode() + b"\xed\xa0\x80\n", "cesu.dlm:6:1", "byte 0xed"),
-    ("latin1.yaml", f"dlm_id: {ID}\nsystem_prompt: café\n".encode("latin-1"), "latin1.yaml:2:19", "byte 0xe9"),
-])
-def test_binary_and_non_utf8_files(tmp_path: Path, home: Path, name: str, content: bytes, where: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "name, content, where, message",
+    [
+        ("png.dlm", PNG, "png.dlm:1:1", "not valid UTF-8 (byte 0x89)"),
+        ("elf.dlm", b"\x7fELF\x02\x01\x01\x00" + bytes(56), "elf.dlm:1:8", "binary file"),
+        ("zeros.dlm", bytes(4096), "zeros.dlm:1:1", "binary file"),
+        (
+            "utf16le.dlm",
+            "\ufeff---\ndlm_id: x\n---\n".encode("utf-16-le"),
+            "utf16le.dlm:1:1",
+            "not valid UTF-8 (byte 0xff)",
+        ),
+        (
+            "utf16be.dlm",
+            "\ufeff---\ndlm_id: x\n---\n".encode("utf-16-be"),
+            "utf16be.dlm:1:1",
+            "not valid UTF-8 (byte 0xfe)",
+        ),
+        ("utf16.yaml", f"dlm_id: {ID}\n".encode("utf-16"), "utf16.yaml:1:1", "not valid UTF-8"),
+        (
+            "cp1252.dlm",
+            (FRONT + "system_prompt: Be \u201cbrief\u201d.\n---\nx\n").encode("cp1252"),
+            "cp1252.dlm:5:19",
+            "byte 0x93",
+        ),
+        ("overlong.dlm", (FRONT + "---\n").encode() + b"a \xc0\xaf b\n", "overlong.dlm:6:3", "byte 0xc0"),
+        ("cesu.dlm", (FRONT + "---\n").encode() + b"\xed\xa0\x80\n", "cesu.dlm:6:1", "byte 0xed"),
+        ("latin1.yaml", f"dlm_id: {ID}\nsystem_prompt: café\n".encode("latin-1"), "latin1.yaml:2:19", "byte 0xe9"),
+    ],
+)
+def test_binary_and_non_utf8_files(
+    tmp_path: Path, home: Path, name: str, content: bytes, where: str, message: str
+) -> None:
     write(tmp_path, name, content)
     doctor_refuses(tmp_path, name, home, where=where, message=message)
 
@@ -214,22 +249,35 @@ def test_binary_data_file(tmp_path: Path, home: Path) -> None:
 GOOD = '{"prompt": "q", "completion": "a"}'
 
 
-@pytest.mark.parametrize("name, rows, where, message", [
-    ("duplicate-key", [GOOD, '{"text": "a", "text": "b"}'], "2:15", "duplicate key 'text'"),
-    ("surrogate", [GOOD, GOOD, '{"text": "x \\udc00 y"}'], "3:2", "surrogate"),
-    ("huge-integer", ['{"text": ' + "9" * 5000 + "}"], "1:1", "too many digits"),
-    ("deep-array", [GOOD, "[" * 100_000 + "]" * 100_000], "2:1", "nested too deeply"),
-    ("nan", ['{"prompt": NaN, "completion": "a"}'], "1:2", "'prompt' must be a string (got number)"),
-    ("trailing-garbage", [GOOD, GOOD, GOOD, '{"text": "a"} {"text": "b"}'], "4:15", "Extra data"),
-    ("heldout-not-bool", [GOOD, '{"text": "a", "heldout": "yes"}'], "2:15", "'heldout' must be true or false"),
-    ("bad-role", ['{"messages": [{"role": "User", "content": "q"}, {"role": "assistant", "content": "a"}]}'], "1:2", "unknown role 'User'"),
-    ("late-system", ['{"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]}'], "1:2",
-     "is a system message where an assistant message belongs"),
-    ("empty-messages", ['{"messages": []}'], "1:2", "non-empty list"),
-    ("array-row", [GOOD, '["prompt", "completion"]'], "2:1", "the row is a JSON array, not an object"),
-])
-def test_malformed_jsonl_rows_name_the_file_and_row(tmp_path: Path, home: Path, name: str, rows: list[str], where: str,
-                                                     message: str) -> None:
+@pytest.mark.parametrize(
+    "name, rows, where, message",
+    [
+        ("duplicate-key", [GOOD, '{"text": "a", "text": "b"}'], "2:15", "duplicate key 'text'"),
+        ("surrogate", [GOOD, GOOD, '{"text": "x \\udc00 y"}'], "3:2", "surrogate"),
+        ("huge-integer", ['{"text": ' + "9" * 5000 + "}"], "1:1", "too many digits"),
+        ("deep-array", [GOOD, "[" * 100_000 + "]" * 100_000], "2:1", "nested too deeply"),
+        ("nan", ['{"prompt": NaN, "completion": "a"}'], "1:2", "'prompt' must be a string (got number)"),
+        ("trailing-garbage", [GOOD, GOOD, GOOD, '{"text": "a"} {"text": "b"}'], "4:15", "Extra data"),
+        ("heldout-not-bool", [GOOD, '{"text": "a", "heldout": "yes"}'], "2:15", "'heldout' must be true or false"),
+        (
+            "bad-role",
+            ['{"messages": [{"role": "User", "content": "q"}, {"role": "assistant", "content": "a"}]}'],
+            "1:2",
+            "unknown role 'User'",
+        ),
+        (
+            "late-system",
+            ['{"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]}'],
+            "1:2",
+            "is a system message where an assistant message belongs",
+        ),
+        ("empty-messages", ['{"messages": []}'], "1:2", "non-empty list"),
+        ("array-row", [GOOD, '["prompt", "completion"]'], "2:1", "the row is a JSON array, not an object"),
+    ],
+)
+def test_malformed_jsonl_rows_name_the_file_and_row(
+    tmp_path: Path, home: Path, name: str, rows: list[str], where: str, message: str
+) -> None:
     write(tmp_path, f"data/{name}.jsonl", "\n".join(rows) + "\n")
     write(tmp_path, "spec.yaml", f"dlm_id: {ID}\ndata:\n  - data/{name}.jsonl\n")
     doctor_refuses(tmp_path, "spec.yaml", home, where=f"data/{name}.jsonl:{where}", message=message)
@@ -256,16 +304,19 @@ def data_doc(folder: Path, item: str, name: str = "d.dlm") -> str:
     return name
 
 
-@pytest.mark.parametrize("item, message", [
-    ("nope/missing.jsonl", "data file not found"),
-    ("~/notes.jsonl", "absolute data path"),
-    ("data/../../outside.jsonl", "leads outside the document's folder"),
-    ("./data/./../../../../../../../../etc/hosts.txt", "leads outside the document's folder"),
-    ('"a\\0b.jsonl"', "not a usable data path"),
-    ('"   "', "not a usable data path"),
-    ("x" * 300 + ".jsonl", "cannot use data path"),
-    ("data/notes.JSON", "unsupported data file type"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("nope/missing.jsonl", "data file not found"),
+        ("~/notes.jsonl", "absolute data path"),
+        ("data/../../outside.jsonl", "leads outside the document's folder"),
+        ("./data/./../../../../../../../../etc/hosts.txt", "leads outside the document's folder"),
+        ('"a\\0b.jsonl"', "not a usable data path"),
+        ('"   "', "not a usable data path"),
+        ("x" * 300 + ".jsonl", "cannot use data path"),
+        ("data/notes.JSON", "unsupported data file type"),
+    ],
+)
 def test_data_paths_refused_at_their_list_item(tmp_path: Path, home: Path, item: str, message: str) -> None:
     (tmp_path / "data").mkdir()
     doctor_refuses(tmp_path, data_doc(tmp_path, item), home, where="d.dlm:6:5", message=message)
@@ -309,7 +360,9 @@ def test_data_path_that_is_a_folder_or_a_fifo(tmp_path: Path, home: Path) -> Non
     (tmp_path / "folder.jsonl").mkdir()
     doctor_refuses(tmp_path, data_doc(tmp_path, "folder.jsonl"), home, where="d.dlm:6:5", message="is not a file")
     os.mkfifo(tmp_path / "pipe.jsonl")  # reading it would block forever
-    doctor_refuses(tmp_path, data_doc(tmp_path, "pipe.jsonl", "p.dlm"), home, where="p.dlm:6:5", message="is not a file")
+    doctor_refuses(
+        tmp_path, data_doc(tmp_path, "pipe.jsonl", "p.dlm"), home, where="p.dlm:6:5", message="is not a file"
+    )
 
 
 def test_symlink_inside_the_folder_is_allowed(tmp_path: Path, home: Path) -> None:
@@ -325,21 +378,35 @@ def test_symlink_inside_the_folder_is_allowed(tmp_path: Path, home: Path) -> Non
 
 @pytest.fixture
 def doc(tmp_path: Path) -> Path:
-    return write(tmp_path, "notes.dlm", FRONT + "training:\n  lora_r: 8\n---\nSome prose.\n\n::instruction::\n### Q\nq?\n### A\na.\n")
+    return write(
+        tmp_path,
+        "notes.dlm",
+        FRONT + "training:\n  lora_r: 8\n---\nSome prose.\n\n::instruction::\n### Q\nq?\n### A\na.\n",
+    )
 
 
 def test_doctor_hardware_file_missing(tmp_path: Path, home: Path, doc: Path) -> None:
     before = tree(tmp_path)
-    refused(dlm("doctor", "--hardware", "missing.json", doc.name, cwd=tmp_path), home, where="missing.json",
-            message="cannot read hardware file", located=False)
+    refused(
+        dlm("doctor", "--hardware", "missing.json", doc.name, cwd=tmp_path),
+        home,
+        where="missing.json",
+        message="cannot read hardware file",
+        located=False,
+    )
     assert tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("content", ["not json", "[1]", "{}", "null", '{"device": "cpu", "bogus": 1}', ""])
 def test_doctor_hardware_file_malformed(tmp_path: Path, home: Path, doc: Path, content: str) -> None:
     write(tmp_path, "hw.json", content)
-    refused(dlm("doctor", "--hardware", "hw.json", doc.name, cwd=tmp_path), home, where="hw.json",
-            message="cannot read hardware file", located=False)
+    refused(
+        dlm("doctor", "--hardware", "hw.json", doc.name, cwd=tmp_path),
+        home,
+        where="hw.json",
+        message="cannot read hardware file",
+        located=False,
+    )
 
 
 def test_doctor_hardware_file_with_wrong_value_types(tmp_path: Path, home: Path, doc: Path) -> None:
@@ -348,18 +415,23 @@ def test_doctor_hardware_file_with_wrong_value_types(tmp_path: Path, home: Path,
     refused(proc, home, where="hw.json", message="memory_bytes has the wrong type", located=False)
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["nonsense"], "is not KEY=VALUE"),
-    (["=dora"], "is not KEY=VALUE"),
-    (["training.lora_r=-1"], "'lora_r'"),
-    (["training.lora_rank=4"], "unknown key 'lora_rank'"),
-    (["training.adapter=dora", "training.lora_dropout=2"], "'lora_dropout'"),
-    (["dlm_id=01JC8Z3T6V7W8X9Y0Z1A2B3C4E"], "--set dlm_id is not allowed"),
-    (["training=5"], "replaces only values written on one line"),
-    (["a.b.c=1"], "nesting that deep"),
-    (['system_prompt="\\ud800"'], "surrogate"),
-])
-def test_twin_refuses_bad_overrides_and_writes_nothing(tmp_path: Path, home: Path, doc: Path, sets: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["nonsense"], "is not KEY=VALUE"),
+        (["=dora"], "is not KEY=VALUE"),
+        (["training.lora_r=-1"], "'lora_r'"),
+        (["training.lora_rank=4"], "unknown key 'lora_rank'"),
+        (["training.adapter=dora", "training.lora_dropout=2"], "'lora_dropout'"),
+        (["dlm_id=01JC8Z3T6V7W8X9Y0Z1A2B3C4E"], "--set dlm_id is not allowed"),
+        (["training=5"], "replaces only values written on one line"),
+        (["a.b.c=1"], "nesting that deep"),
+        (['system_prompt="\\ud800"'], "surrogate"),
+    ],
+)
+def test_twin_refuses_bad_overrides_and_writes_nothing(
+    tmp_path: Path, home: Path, doc: Path, sets: list[str], message: str
+) -> None:
     before, text = tree(tmp_path), doc.read_text()
     args = [a for s in sets for a in ("--set", s)]
     refused(dlm("twin", doc.name, *args, cwd=tmp_path), home, message=message, located=False)
@@ -368,16 +440,29 @@ def test_twin_refuses_bad_overrides_and_writes_nothing(tmp_path: Path, home: Pat
 
 def test_twin_of_a_broken_or_missing_document(tmp_path: Path, home: Path) -> None:
     write(tmp_path, "broken.dlm", FRONT + "training:\n  lora_rank: 8\n---\nx\n")
-    refused(dlm("twin", "broken.dlm", "--set", "training.adapter=dora", cwd=tmp_path), home,
-            where="broken.dlm:6:3", message="unknown key 'lora_rank'")
-    refused(dlm("twin", "nope.dlm", "--set", "training.adapter=dora", cwd=tmp_path), home, where="nope.dlm",
-            message="no such file", located=False)
+    refused(
+        dlm("twin", "broken.dlm", "--set", "training.adapter=dora", cwd=tmp_path),
+        home,
+        where="broken.dlm:6:3",
+        message="unknown key 'lora_rank'",
+    )
+    refused(
+        dlm("twin", "nope.dlm", "--set", "training.adapter=dora", cwd=tmp_path),
+        home,
+        where="nope.dlm",
+        message="no such file",
+        located=False,
+    )
     assert tree(tmp_path) == {"broken.dlm"}
 
 
 def test_twin_output_into_a_missing_folder(tmp_path: Path, home: Path, doc: Path) -> None:
-    refused(dlm("twin", doc.name, "--set", "training.adapter=dora", "-o", "nowhere/t.dlm", cwd=tmp_path), home,
-            message="does not exist", located=False)
+    refused(
+        dlm("twin", doc.name, "--set", "training.adapter=dora", "-o", "nowhere/t.dlm", cwd=tmp_path),
+        home,
+        message="does not exist",
+        located=False,
+    )
     assert not (tmp_path / "nowhere").exists()
 
 

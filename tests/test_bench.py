@@ -1,4 +1,4 @@
-"""dlm.bench: the ratios and targets from run results (unit), and the worker on a tiny model (integration)."""
+"""bench/harness.py: the ratios and targets from run results (unit), and the worker on a tiny model (integration)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,34 @@ from pathlib import Path
 
 import pytest
 
-from dlm import bench
+from bench import harness as bench
 
 
 def _result(kind: str, adapter: str, dropout: float, tps: float, loss: float = 2.0, **extra) -> dict:
-    r = {"config": {"kind": kind, "adapter": adapter, "dropout": dropout, "steps": 40}, "tokens_per_s": tps,
-         "steady_s": 1.0, "eval_loss": loss, "peak_bytes": 2 * 2**30, "real_total_s": 100.0,
-         "eta_hf_total_s": 180.0, "wall_s": 120.0}
+    r = {
+        "config": {"kind": kind, "adapter": adapter, "dropout": dropout, "steps": 40},
+        "tokens_per_s": tps,
+        "steady_s": 1.0,
+        "eval_loss": loss,
+        "peak_bytes": 2 * 2**30,
+        "real_total_s": 100.0,
+        "eta_hf_total_s": 180.0,
+        "wall_s": 120.0,
+    }
     if kind != "plain":
-        r.update(micro=4, accum=2, checkpointing=kind == "same", bf16=True, packing=kind == "packed", runtime={},
-                 est_step_s=1.1, est_peak_bytes=int(2.2 * 2**30), est_total_s=44.0, eta_dlm_total_s=104.0,
-                 reason="reason: ...")
+        r.update(
+            micro=4,
+            accum=2,
+            checkpointing=kind == "same",
+            bf16=True,
+            packing=kind == "packed",
+            runtime={},
+            est_step_s=1.1,
+            est_peak_bytes=int(2.2 * 2**30),
+            est_total_s=44.0,
+            eta_dlm_total_s=104.0,
+            reason="reason: ...",
+        )
     r.update(extra)
     return r
 
@@ -25,8 +42,11 @@ def _results(dora_tax: float = 1.05) -> list[dict]:
     out = []
     for adapter, dropout in bench.VARIANTS:
         tax = dora_tax if adapter == "dora" else 1.0
-        out += [_result("plain", adapter, dropout, 100 / tax / 1.2), _result("same", adapter, dropout, 99 / tax / 1.2),
-                _result("dlm", adapter, dropout, 150 / tax, loss=1.99)]
+        out += [
+            _result("plain", adapter, dropout, 100 / tax / 1.2),
+            _result("same", adapter, dropout, 99 / tax / 1.2),
+            _result("dlm", adapter, dropout, 150 / tax, loss=1.99),
+        ]
     return out + [_result("packed", "lora", 0.0, 180.0), _result("malloc-off", "lora", 0.0, 136.0)]
 
 
@@ -37,7 +57,8 @@ def test_summary_ratios_and_targets() -> None:
     assert row["same_vs_plain"] == pytest.approx(100 / 99)  # time per token, same / plain
     assert row["speedup"] == pytest.approx(1.8)
     assert {x["kind"]: x["ratio"] for x in s["dora_lora"] if x["dropout"] == 0.05} == pytest.approx(
-        {"plain": 1.05, "dlm": 1.05})
+        {"plain": 1.05, "dlm": 1.05}
+    )
     assert s["met"] == {"same": True, "speedup": True, "dora_lora": True, "eta": True, "memory": True}
     gains = {a["kind"]: a["plan_gain"] for a in s["ablations"]}  # the plan's tokens/s over the ablation's
     assert gains == pytest.approx({"packed": 150 / 180, "malloc-off": 150 / 136})  # no ckpt-on run: left out
@@ -72,10 +93,18 @@ def test_run_order_is_abba_per_variant_then_ablations_then_the_plan_again(monkey
     monkeypatch.setattr(bench, "run_one", record)
     bench.run_all(Path("doc.dlm"), tmp_path, 32, tmp_path, variants=(("dora", 0.05),))
     short = bench.REPEAT_STEPS
-    assert seen == [("prepare", "lora", 0.0, 32, 0), ("plain", "dora", 0.05, 32, 0), ("same", "dora", 0.05, 32, 0), ("same", "dora", 0.05, short, 1),
-                    ("plain", "dora", 0.05, short, 1), ("dlm", "dora", 0.05, 32, 0),
-                    ("packed", "lora", 0.0, 32, 0), ("malloc-off", "lora", 0.0, 32, 0), ("ckpt-on", "lora", 0.0, 32, 0),
-                    ("dlm", "lora", 0.0, 32, 1)]
+    assert seen == [
+        ("prepare", "lora", 0.0, 32, 0),
+        ("plain", "dora", 0.05, 32, 0),
+        ("same", "dora", 0.05, 32, 0),
+        ("same", "dora", 0.05, short, 1),
+        ("plain", "dora", 0.05, short, 1),
+        ("dlm", "dora", 0.05, 32, 0),
+        ("packed", "lora", 0.0, 32, 0),
+        ("malloc-off", "lora", 0.0, 32, 0),
+        ("ckpt-on", "lora", 0.0, 32, 0),
+        ("dlm", "lora", 0.0, 32, 1),
+    ]
 
 
 def test_targets_can_fail_and_missing_runs_are_unknown() -> None:
@@ -93,11 +122,32 @@ def test_targets_can_fail_and_missing_runs_are_unknown() -> None:
 def test_markdown_and_chart(tmp_path: Path) -> None:
     results = _results()
     s = bench.summarise(results)
-    info = {"file": "configs/corpus-lora.dlm", "steps": 40, "command": "make bench", "date": "today", "minutes": 20.0,
-            "load_before": 1.5, "load_after": 3.0, "machine": bench.machine()}
+    info = {
+        "file": "configs/corpus-lora.dlm",
+        "steps": 40,
+        "command": "make bench",
+        "date": "today",
+        "minutes": 20.0,
+        "load_before": 1.5,
+        "load_after": 3.0,
+        "machine": bench.machine(),
+    }
     text = bench.markdown(results, s, info)
-    for part in ("## Machine", "## Speed", "## DoRA / LoRA", "## ETA", "## The planner's estimates", "## Targets",
-                 "## Method", "## GPU", "x1.80", "**met**", "other jobs shared the CPU", "## The plan's decisions one at a time", "| `packing: true` (the plan: off) | 180 | 150 | x0.833 |"):
+    for part in (
+        "## Machine",
+        "## Speed",
+        "## DoRA / LoRA",
+        "## ETA",
+        "## The planner's estimates",
+        "## Targets",
+        "## Method",
+        "## GPU",
+        "x1.80",
+        "**met**",
+        "other jobs shared the CPU",
+        "## The plan's decisions one at a time",
+        "| `packing: true` (the plan: off) | 180 | 150 | x0.833 |",
+    ):
         assert part in text, part
     out = bench.report(results, info, tmp_path / "perf.md", tmp_path / "perf.png")  # what --from-results does
     assert (tmp_path / "perf.md").read_text() == text == out["markdown"]
@@ -125,6 +175,14 @@ def test_worker_same_knobs_trains_exactly_what_the_plain_script_trains(tmp_path:
     assert same["tokens"] == plain["tokens"]
     assert same["eval_loss"] == pytest.approx(plain["eval_loss"], abs=1e-6)
     assert same["checkpointing"] is True and same["runtime"] == {} and same["optim"] == plain["optim"]
-    assert dlm["runtime"] == {"dora_dropout": "branch", "dora_norm": "factored", "threads": dlm["runtime"]["threads"],
-                              "malloc": "keep-freed"} and dlm["checkpointing"] is False
+    assert (
+        dlm["runtime"]
+        == {
+            "dora_dropout": "branch",
+            "dora_norm": "factored",
+            "threads": dlm["runtime"]["threads"],
+            "malloc": "keep-freed",
+        }
+        and dlm["checkpointing"] is False
+    )
     assert not (tmp_path / "home" / "store").exists()

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import CONFIGS, REPO
 
 
@@ -20,7 +18,7 @@ def dlm(*args: str, cwd: Path | None = None, env: dict | None = None) -> subproc
 
 def test_cli_import_does_not_import_torch() -> None:
     code = (
-        "import sys, dlm.cli, dlm.doctor, dlm.prepare, dlm.plan, dlm.doc, dlm.schema, dlm.render\n"
+        "import sys, dlm.cli.app, dlm.plan.doctor, dlm.plan.prepare, dlm.plan.planner, dlm.doc.grammar, dlm.doc.schema, dlm.cli.render\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', 'numpy') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
@@ -52,9 +50,24 @@ def test_schema_is_json_schema_with_every_training_key() -> None:
     assert res.returncode == 0
     schema = json.loads(res.stdout)
     training = schema["$defs"]["Training"]["properties"]
-    for key in ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "optimizer",
-                "galore_rank", "galore_update_proj_gap", "galore_scale", "micro_batch_size", "grad_accum",
-                "precision", "gradient_checkpointing", "packing", "eval_fraction", "report_to"):
+    for key in (
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "use_rslora",
+        "optimizer",
+        "galore_rank",
+        "galore_update_proj_gap",
+        "galore_scale",
+        "micro_batch_size",
+        "grad_accum",
+        "precision",
+        "gradient_checkpointing",
+        "packing",
+        "eval_fraction",
+        "report_to",
+    ):
         assert key in training
     assert schema["additionalProperties"] is False
 
@@ -76,7 +89,7 @@ def test_init_ids_are_fresh(tmp_path: Path) -> None:
     ids = set()
     for name in ("a.dlm", "b.dlm"):
         assert dlm("init", str(tmp_path / name)).returncode == 0
-        line = next(l for l in (tmp_path / name).read_text().splitlines() if l.startswith("dlm_id:"))
+        line = next(x for x in (tmp_path / name).read_text().splitlines() if x.startswith("dlm_id:"))
         ids.add(line.split()[1])
     assert len(ids) == 2
 

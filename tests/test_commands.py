@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dlm.schema import new_id
-from dlm.store import open_store
+from dlm.doc.schema import new_id
+from dlm.store.store import open_store
 
 pytestmark = pytest.mark.integration
 DLM = str(Path(sys.executable).with_name("dlm"))
@@ -24,8 +24,9 @@ DLM = str(Path(sys.executable).with_name("dlm"))
 QA = "\n".join(f"### Q\nWhat is item {i}?\n### A\nItem {i} is number {i * 7} in the catalogue.\n" for i in range(12))
 
 
-def write_doc(folder: Path, name: str = "notes.dlm", *, dlm_id: str | None = None, steps: int = 3,
-              extra: str = "") -> Path:
+def write_doc(
+    folder: Path, name: str = "notes.dlm", *, dlm_id: str | None = None, steps: int = 3, extra: str = ""
+) -> Path:
     text = f"""---
 dlm_id: {dlm_id or new_id()}
 base_model: ./tiny
@@ -80,8 +81,16 @@ def test_train_prints_the_plan_before_step_one_then_progress_and_the_store(train
     # the store of SPEC section 5
     root = home / "store" / dlm_id
     version = root / "versions" / "v0001"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "spec.json", "plan.json", "hardware.json",
-                 "summary.json", "log.jsonl", "files.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "spec.json",
+        "plan.json",
+        "hardware.json",
+        "summary.json",
+        "log.jsonl",
+        "files.json",
+    ):
         assert (version / name).is_file(), name
     assert os.readlink(root / "adapter") == "versions/v0001"
     manifest = json.loads((root / "manifest.json").read_text())
@@ -95,11 +104,17 @@ def test_train_prints_the_plan_before_step_one_then_progress_and_the_store(train
 def test_the_adapter_loads_with_peft_alone(trained, workdir: Path) -> None:
     doc, home, _ = trained
     dlm_id = doc.read_text().split("dlm_id: ")[1].split()[0]
-    code = ("import sys; from peft import PeftModel; from transformers import AutoModelForCausalLM;"
-            "m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sys.argv[1]), sys.argv[2]);"
-            "print(sorted(m.peft_config))")
-    proc = subprocess.run([sys.executable, "-c", code, str(workdir / "tiny"), str(home / "store" / dlm_id / "adapter")],
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; from peft import PeftModel; from transformers import AutoModelForCausalLM;"
+        "m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sys.argv[1]), sys.argv[2]);"
+        "print(sorted(m.peft_config))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(workdir / "tiny"), str(home / "store" / dlm_id / "adapter")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "default" in proc.stdout
 
@@ -170,8 +185,9 @@ def test_interrupt_then_resume(workdir: Path, tmp_path: Path) -> None:
     """Ctrl-C saves a checkpoint and exits 130; a plain re-run asks to choose; --resume finishes the run."""
     doc = write_doc(workdir, "interrupted.dlm", steps=60, extra="  save_steps: 1\n")
     env = {**os.environ, "DLM_HOME": str(tmp_path), "COLUMNS": "200"}
-    proc = subprocess.Popen([DLM, "train", doc.name], cwd=workdir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [DLM, "train", doc.name], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     for line in proc.stdout:
         if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 4:
             proc.send_signal(signal.SIGINT)

@@ -17,19 +17,28 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from dlm import compare as cmp
-from dlm.compare import Side, check_options, config_diff, decide, relative_gain
 from dlm.errors import DlmError
+from dlm.use import compare as cmp
+from dlm.use.compare import Side, check_options, config_diff, decide, relative_gain
 
 REPO = Path(__file__).resolve().parent.parent
 ID_A, ID_B, ID_C = "01KAV3J8ZP4N6Q2R7S9T0W1X2A", "01KAV3J8ZP4N6Q2R7S9T0W1X2B", "01KAV3J8ZP4N6Q2R7S9T0W1X2C"
 
 
-def side(role: str, loss: float | None = 2.0, kl: float | None = 0.1, *, step: float | None = 1.0,
-         mem: int | None = 1000, seconds: float | None = 10.0, params: int | None = 100,
-         size: int | None = 400) -> Side:
-    return Side(role, f"{role}.dlm", None, "v0001", "lora", loss, cmp.perplexity(loss), kl, step, seconds, 5, mem,
-                params, size)
+def side(
+    role: str,
+    loss: float | None = 2.0,
+    kl: float | None = 0.1,
+    *,
+    step: float | None = 1.0,
+    mem: int | None = 1000,
+    seconds: float | None = 10.0,
+    params: int | None = 100,
+    size: int | None = 400,
+) -> Side:
+    return Side(
+        role, f"{role}.dlm", None, "v0001", "lora", loss, cmp.perplexity(loss), kl, step, seconds, 5, mem, params, size
+    )
 
 
 # ---------------------------------------------------------------- the verdict rule
@@ -58,12 +67,15 @@ def test_zero_min_gain_counts_a_tie_as_paying() -> None:
     assert not decide("eval_loss", 0.0, side("A", 2.0), side("B", 2.0000001)).b_pays
 
 
-@pytest.mark.parametrize(("b_loss", "min_gain", "pays"), [
-    (2.1, -0.1, True),  # 5% worse, 10% tolerated
-    (2.1, -0.01, False),  # 5% worse, 1% tolerated
-    (4.0, -1.0, True),  # -1 tolerates up to twice A's loss
-    (4.1, -1.0, False),
-])
+@pytest.mark.parametrize(
+    ("b_loss", "min_gain", "pays"),
+    [
+        (2.1, -0.1, True),  # 5% worse, 10% tolerated
+        (2.1, -0.01, False),  # 5% worse, 1% tolerated
+        (4.0, -1.0, True),  # -1 tolerates up to twice A's loss
+        (4.1, -1.0, False),
+    ],
+)
 def test_negative_min_gain_is_a_tolerance(b_loss: float, min_gain: float, pays: bool) -> None:
     assert decide("eval_loss", min_gain, side("A", 2.0), side("B", b_loss)).b_pays is pays
 
@@ -92,8 +104,12 @@ def test_missing_or_non_finite_metric_keeps_a() -> None:
 
 
 def test_cost_ratios_are_b_over_a_and_named_in_the_reason() -> None:
-    v = decide("eval_loss", 0.05, side("A", step=2.0, mem=1000, seconds=20.0, params=100, size=400),
-               side("B", step=2.76, mem=1100, seconds=30.0, params=110, size=440))
+    v = decide(
+        "eval_loss",
+        0.05,
+        side("A", step=2.0, mem=1000, seconds=20.0, params=100, size=400),
+        side("B", step=2.76, mem=1100, seconds=30.0, params=110, size=440),
+    )
     assert v.step_time_ratio == pytest.approx(1.38) and v.memory_ratio == pytest.approx(1.1)
     assert v.train_time_ratio == pytest.approx(1.5) and v.params_ratio == pytest.approx(1.1)
     assert v.adapter_bytes_ratio == pytest.approx(1.1)
@@ -102,10 +118,18 @@ def test_cost_ratios_are_b_over_a_and_named_in_the_reason() -> None:
     assert unknown.step_time_ratio is None and unknown.memory_ratio is None and "unknown" in unknown.reason
 
 
-@pytest.mark.parametrize(("metric", "min_gain"), [
-    ("loss", 0.05), ("eval-loss", 0.05), ("eval_loss", 1.5), ("eval_loss", -1.01), ("delta_kl", math.nan),
-    ("delta_kl", math.inf), ("eval_loss", 5),
-])
+@pytest.mark.parametrize(
+    ("metric", "min_gain"),
+    [
+        ("loss", 0.05),
+        ("eval-loss", 0.05),
+        ("eval_loss", 1.5),
+        ("eval_loss", -1.01),
+        ("delta_kl", math.nan),
+        ("delta_kl", math.inf),
+        ("eval_loss", 5),
+    ],
+)
 def test_bad_options_are_exit_2_with_a_hint(metric: str, min_gain: float) -> None:
     with pytest.raises(DlmError) as info:
         check_options(metric, min_gain)
@@ -123,8 +147,14 @@ def test_good_options_pass(min_gain: float) -> None:
 
 def spec(dlm_id: str = ID_A, **training) -> dict:
     base = {"adapter": "lora", "lora_r": 8, "lora_dropout": 0.0, "target_modules": "auto", "seed": 42}
-    return {"dlm_id": dlm_id, "dlm_version": 1, "base_model": "smollm2-135m", "system_prompt": None,
-            "training": {**base, **training}, "data": []}
+    return {
+        "dlm_id": dlm_id,
+        "dlm_version": 1,
+        "base_model": "smollm2-135m",
+        "system_prompt": None,
+        "training": {**base, **training},
+        "data": [],
+    }
 
 
 def test_config_diff_lists_every_nested_key_and_leaves_dlm_id_out() -> None:
@@ -145,36 +175,80 @@ def test_config_diff_on_deeper_nesting_and_absent_keys() -> None:
 
 
 def test_config_diff_includes_plan_decisions_and_hardware() -> None:
-    plan_a = {"decisions": [{"key": "micro_batch_size", "value": 4, "reason": "fits"},
-                            {"key": "precision", "value": "fp32", "reason": "cpu"}]}
-    plan_b = {"decisions": [{"key": "micro_batch_size", "value": 2, "reason": "dora needs more"},
-                            {"key": "precision", "value": "fp32", "reason": "cpu"}]}
+    plan_a = {
+        "decisions": [
+            {"key": "micro_batch_size", "value": 4, "reason": "fits"},
+            {"key": "precision", "value": "fp32", "reason": "cpu"},
+        ]
+    }
+    plan_b = {
+        "decisions": [
+            {"key": "micro_batch_size", "value": 2, "reason": "dora needs more"},
+            {"key": "precision", "value": "fp32", "reason": "cpu"},
+        ]
+    }
     hw_a = {"device": "cpu", "name": "EPYC", "cores": 2, "cpu_flags": ["avx2"]}
     hw_b = {"device": "cpu", "name": "Xeon", "cores": 2, "cpu_flags": []}
     plan_b["decisions"].append({"key": "adapter", "value": "dora", "reason": "echo"})
     plan_a["decisions"].append({"key": "adapter", "value": "lora", "reason": "echo"})
     diff = config_diff(spec(ID_A), spec(ID_B, adapter="dora"), plan_a, plan_b, hw_a, hw_b)
-    assert [(d.key, d.source) for d in diff] == [("training.adapter", "spec"), ("plan.micro_batch_size", "plan"),
-                                                 ("hardware.name", "hardware")]
+    assert [(d.key, d.source) for d in diff] == [
+        ("training.adapter", "spec"),
+        ("plan.micro_batch_size", "plan"),
+        ("hardware.name", "hardware"),
+    ]
 
 
 # ---------------------------------------------------------------- version folders, JSON shape, rendering
 
-SIDE_KEYS = {"role": str, "path": (str, type(None)), "dlm_id": (str, type(None)), "version": (str, type(None)),
-             "adapter": (str, type(None)), "eval_loss": float, "perplexity": float, "delta_kl": float,
-             "steady_step_seconds": (float, type(None)), "train_seconds": (float, type(None)),
-             "steps": (int, type(None)), "peak_memory_bytes": (int, type(None)),
-             "trainable_params": (int, type(None)), "adapter_bytes": (int, type(None)), "stale": bool}
-VERDICT_KEYS = {"metric": str, "better": str, "min_gain": float, "a_value": float, "b_value": float,
-                "gain": (float, type(None)), "b_pays": bool, "keep": str, "step_time_ratio": (float, type(None)),
-                "memory_ratio": (float, type(None)), "train_time_ratio": (float, type(None)),
-                "params_ratio": (float, type(None)), "adapter_bytes_ratio": (float, type(None)), "reason": str}
+SIDE_KEYS = {
+    "role": str,
+    "path": (str, type(None)),
+    "dlm_id": (str, type(None)),
+    "version": (str, type(None)),
+    "adapter": (str, type(None)),
+    "eval_loss": float,
+    "perplexity": float,
+    "delta_kl": float,
+    "steady_step_seconds": (float, type(None)),
+    "train_seconds": (float, type(None)),
+    "steps": (int, type(None)),
+    "peak_memory_bytes": (int, type(None)),
+    "trainable_params": (int, type(None)),
+    "adapter_bytes": (int, type(None)),
+    "stale": bool,
+}
+VERDICT_KEYS = {
+    "metric": str,
+    "better": str,
+    "min_gain": float,
+    "a_value": float,
+    "b_value": float,
+    "gain": (float, type(None)),
+    "b_pays": bool,
+    "keep": str,
+    "step_time_ratio": (float, type(None)),
+    "memory_ratio": (float, type(None)),
+    "train_time_ratio": (float, type(None)),
+    "params_ratio": (float, type(None)),
+    "adapter_bytes_ratio": (float, type(None)),
+    "reason": str,
+}
 
 
 def check_shape(data: dict) -> None:
     """The documented `dlm compare --json` shape (docs/compare.md, "JSON"), key for key."""
-    assert set(data) == {"dlm_compare", "metric", "min_gain", "heldout", "data", "sides", "config_diff", "verdict",
-                         "notes"}
+    assert set(data) == {
+        "dlm_compare",
+        "metric",
+        "min_gain",
+        "heldout",
+        "data",
+        "sides",
+        "config_diff",
+        "verdict",
+        "notes",
+    }
     assert data["dlm_compare"] == 1 and data["metric"] in ("eval_loss", "delta_kl")
     assert isinstance(data["min_gain"], float)
     assert set(data["heldout"]) == {"examples", "tokens", "from"} and data["heldout"]["from"] == "A"
@@ -197,15 +271,31 @@ def check_shape(data: dict) -> None:
 def write_version(folder: Path, spec_json: dict, *, step: float, mem: int, corpus: str = "c" * 64) -> Path:
     folder.mkdir(parents=True)
     (folder / "adapter_model.safetensors").write_bytes(b"\0" * 1234)
-    docs = {"spec": spec_json, "plan": {"decisions": [{"key": "micro_batch_size", "value": 4, "reason": "r"}]},
-            "hardware": {"device": "cpu", "name": "test cpu", "cores": 2},
-            "summary": {"status": "ok", "steps": 4, "seconds": 12.5, "steady_step_seconds": step,
-                        "peak_memory_bytes": mem, "trainable_params": 1000, "adapter_bytes": 1234, "run": "r0001",
-                        "version": folder.name, "corpus_sha256": corpus, "doc_sha256": "d" * 64}}
+    docs = {
+        "spec": spec_json,
+        "plan": {"decisions": [{"key": "micro_batch_size", "value": 4, "reason": "r"}]},
+        "hardware": {"device": "cpu", "name": "test cpu", "cores": 2},
+        "summary": {
+            "status": "ok",
+            "steps": 4,
+            "seconds": 12.5,
+            "steady_step_seconds": step,
+            "peak_memory_bytes": mem,
+            "trainable_params": 1000,
+            "adapter_bytes": 1234,
+            "run": "r0001",
+            "version": folder.name,
+            "corpus_sha256": corpus,
+            "doc_sha256": "d" * 64,
+        },
+    }
     for name, body in docs.items():
         (folder / f"{name}.json").write_text(json.dumps(body))
-    (folder / "log.jsonl").write_text("".join(json.dumps({"step": i, "seconds": i * 0.5, "loss": 3.0 - i * 0.2}) + "\n"
-                                              for i in range(1, 5)) + json.dumps({"step": 4, "eval_loss": 2.5}) + "\n")
+    (folder / "log.jsonl").write_text(
+        "".join(json.dumps({"step": i, "seconds": i * 0.5, "loss": 3.0 - i * 0.2}) + "\n" for i in range(1, 5))
+        + json.dumps({"step": 4, "eval_loss": 2.5})
+        + "\n"
+    )
     return folder
 
 
@@ -216,8 +306,7 @@ SCORES = {"examples": 3, "tokens": 57, "loss": {"base": 3.2, "A": 2.4, "B": 2.2}
 def comparison(tmp_path: Path) -> cmp.Comparison:
     fa = write_version(tmp_path / "a" / "v0001", spec(ID_A), step=1.0, mem=2_000_000)
     fb = write_version(tmp_path / "b" / "v0002", spec(ID_B, adapter="dora"), step=1.3, mem=2_100_000)
-    return cmp.assemble(fa, fb, "a.dlm", "b.dlm", SCORES, base_name="smollm2-135m", metric="eval_loss",
-                        min_gain=0.05)
+    return cmp.assemble(fa, fb, "a.dlm", "b.dlm", SCORES, base_name="smollm2-135m", metric="eval_loss", min_gain=0.05)
 
 
 def test_assembled_comparison_has_every_metric_and_the_documented_json(comparison: cmp.Comparison) -> None:
@@ -235,20 +324,39 @@ def test_assembled_comparison_has_every_metric_and_the_documented_json(compariso
 
 
 def test_render_shows_rows_metrics_diff_and_verdict(comparison: cmp.Comparison) -> None:
-    from dlm import render
+    from dlm.cli import render
 
     console = Console(record=True, width=80)  # a CI log: every column must still be whole
     render.comparison(console, comparison)
     text = console.export_text()
-    for needle in ("A = a.dlm (v0001, lora)", "B = b.dlm (v0002, dora)", " base ", " A ", " B * ", "3.2000",
-                   "2.4000", "2.2000", "0.36", "1.300", "12.5 s", "GiB", "1,000", "1.2 KiB",
-                   "training.adapter", '"lora"', '"dora"', "step time x1.30", "peak memory x1.05", "verdict: keep B"):
+    for needle in (
+        "A = a.dlm (v0001, lora)",
+        "B = b.dlm (v0002, dora)",
+        " base ",
+        " A ",
+        " B * ",
+        "3.2000",
+        "2.4000",
+        "2.2000",
+        "0.36",
+        "1.300",
+        "12.5 s",
+        "GiB",
+        "1,000",
+        "1.2 KiB",
+        "training.adapter",
+        '"lora"',
+        '"dora"',
+        "step time x1.30",
+        "peak memory x1.05",
+        "verdict: keep B",
+    ):
         assert needle in text, needle
     assert "…" not in text  # nothing truncated
 
 
 def test_plot_writes_a_png(comparison: cmp.Comparison, tmp_path: Path) -> None:
-    from dlm.plot import comparison_png
+    from dlm.cli.plot import comparison_png
 
     out = comparison_png(comparison, tmp_path / "sub" / "cmp.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
@@ -276,16 +384,19 @@ A file of Python code.
 
 
 def write_doc(path: Path, dlm_id: str, *, adapter: str = "lora", body: str = BODY, extra: str = "") -> Path:
-    path.write_text(f"---\ndlm_id: {dlm_id}\nbase_model: smollm2-135m\ntraining:\n  adapter: {adapter}\n"
-                    f"  max_steps: 3\n{extra}---\n{body}")
+    path.write_text(
+        f"---\ndlm_id: {dlm_id}\nbase_model: smollm2-135m\ntraining:\n  adapter: {adapter}\n"
+        f"  max_steps: 3\n{extra}---\n{body}"
+    )
     return path
 
 
 def fake_train(path: Path, home: Path) -> str:
     """What runs.train_document leaves behind, without training: a committed version with its documents."""
-    from dlm import hardware, runs
-    from dlm.prepare import prepare
-    from dlm.store import open_store
+    from dlm.plan import hardware
+    from dlm.plan.prepare import prepare
+    from dlm.store import current
+    from dlm.store.store import open_store
 
     prepared = prepare(path, hardware.probe_light())
     store = open_store(home, prepared.spec.dlm_id, Path(prepared.doc.path), prepared.spec.base_model)
@@ -294,13 +405,25 @@ def fake_train(path: Path, home: Path) -> str:
     # a valid, finite safetensors file: an 8-byte header length, the JSON header, 8 bytes of data
     header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     (staged / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
-    summary = {"status": "ok", "steps": 3, "seconds": 5.0, "steady_step_seconds": 0.5, "peak_memory_bytes": 10**9,
-               "trainable_params": 1000, "adapter_bytes": 32, "doc_sha256": runs.doc_sha256(prepared),
-               "corpus_sha256": runs.corpus_sha256(prepared)}
+    summary = {
+        "status": "ok",
+        "steps": 3,
+        "seconds": 5.0,
+        "steady_step_seconds": 0.5,
+        "peak_memory_bytes": 10**9,
+        "trainable_params": 1000,
+        "adapter_bytes": 32,
+        "doc_sha256": current.doc_sha256(prepared),
+        "corpus_sha256": current.corpus_sha256(prepared),
+    }
     with store.lock():
         run = store.begin_run(summary["doc_sha256"], 42, {})
-        version = store.commit_version(run, staged, {}, {"spec": prepared.spec.model_dump(mode="json"),
-                                                         "plan": prepared.plan.to_json(), "summary": summary})
+        version = store.commit_version(
+            run,
+            staged,
+            {},
+            {"spec": prepared.spec.model_dump(mode="json"), "plan": prepared.plan.to_json(), "summary": summary},
+        )
         store.end_run(run, "ok", {})
     return version
 
@@ -308,7 +431,8 @@ def fake_train(path: Path, home: Path) -> str:
 @pytest.fixture
 def no_torch_scoring(monkeypatch: pytest.MonkeyPatch) -> list:
     """compare() without weights: the base folder and the scores are stand-ins; calls are recorded."""
-    from dlm import bases, infer
+    from dlm.train import basefolder
+    from dlm.use import infer
 
     calls: list = []
 
@@ -316,7 +440,7 @@ def no_torch_scoring(monkeypatch: pytest.MonkeyPatch) -> list:
         calls.append((base_folder, dict(adapters), list(examples), kw))
         return {**SCORES, "examples": len(list(examples))}
 
-    monkeypatch.setattr(bases, "materialize", lambda facts, home: Path("/nonexistent/base"))
+    monkeypatch.setattr(basefolder, "materialize", lambda facts, home: Path("/nonexistent/base"))
     monkeypatch.setattr(infer, "score_adapters", score)
     return calls
 
@@ -360,7 +484,7 @@ def test_compare_flow_scores_a_heldout_with_both_adapters(home: Path, tmp_path: 
     a, b = write_doc(tmp_path / "a.dlm", ID_A), write_doc(tmp_path / "b.dlm", ID_B, adapter="dora")
     assert fake_train(a, home) == "v0001" and fake_train(b, home) == "v0001"
     c = cmp.compare(a, b, home, metric="delta_kl", min_gain=0.05)
-    (base_folder, adapters, examples, kw), = no_torch_scoring
+    ((base_folder, adapters, examples, kw),) = no_torch_scoring
     assert set(adapters) == {"A", "B"} and adapters["A"].name == "v0001" and ID_B in str(adapters["B"])
     assert [e.prompt for e in examples] == ["What is a module?"] and kw["max_length"]
     assert c.verdict.metric == "delta_kl" and c.verdict.gain == pytest.approx(0.05 / 0.31) and c.verdict.b_pays
@@ -369,18 +493,25 @@ def test_compare_flow_scores_a_heldout_with_both_adapters(home: Path, tmp_path: 
     check_shape(c.to_json())
 
 
-def test_compare_notes_a_stale_side_and_train_retrains_it(home: Path, tmp_path: Path, no_torch_scoring,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from dlm import hardware, runs
+def test_compare_notes_a_stale_side_and_train_retrains_it(
+    home: Path, tmp_path: Path, no_torch_scoring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dlm.plan import hardware
+    from dlm.train import device, runs
 
     a, b = write_doc(tmp_path / "a.dlm", ID_A), write_doc(tmp_path / "b.dlm", ID_B, adapter="dora")
     fake_train(a, home)
     with pytest.raises(DlmError, match="B has no trained adapter"):
         cmp.compare(a, b, home)
     trained: list = []
-    monkeypatch.setattr(hardware, "probe", hardware.probe_light)  # no torch for the training hardware
-    monkeypatch.setattr(runs, "train_document", lambda path, home_, hw, **kw: trained.append((path, kw)) or
-                        SimpleNamespace(version=fake_train(Path(path), home_)))
+    monkeypatch.setattr(device, "probe", hardware.probe_light)  # no torch for the training hardware
+    monkeypatch.setattr(
+        runs,
+        "train_document",
+        lambda path, home_, hw, **kw: (
+            trained.append((path, kw)) or SimpleNamespace(version=fake_train(Path(path), home_))
+        ),
+    )
     asked: list = []
     c = cmp.compare(a, b, home, train=True, on_train=lambda role, path, why: asked.append((role, why)) or {})
     assert [p for p, _ in trained] == [str(b)] and asked == [("B", "it has no adapter yet")]
@@ -395,24 +526,29 @@ def test_compare_notes_a_stale_side_and_train_retrains_it(home: Path, tmp_path: 
     assert [Path(p).name for p, _ in trained] == ["b.dlm", "a.dlm"] and c.a.version == "v0002" and not c.a.stale
 
 
-def test_compare_stops_when_training_is_interrupted(home: Path, tmp_path: Path, no_torch_scoring,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from dlm import hardware, runs
+def test_compare_stops_when_training_is_interrupted(
+    home: Path, tmp_path: Path, no_torch_scoring, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dlm.errors import RunError
+    from dlm.plan import hardware
+    from dlm.train import device, runs
 
     a, b = write_doc(tmp_path / "a.dlm", ID_A), write_doc(tmp_path / "b.dlm", ID_B, adapter="dora")
     fake_train(a, home)
-    monkeypatch.setattr(hardware, "probe", hardware.probe_light)
-    monkeypatch.setattr(runs, "train_document",
-                        lambda *a, **kw: SimpleNamespace(version=None, summary=SimpleNamespace(steps=2)))
+    monkeypatch.setattr(device, "probe", hardware.probe_light)
+    monkeypatch.setattr(
+        runs, "train_document", lambda *a, **kw: SimpleNamespace(version=None, summary=SimpleNamespace(steps=2))
+    )
     with pytest.raises(RunError, match="training B stopped at step 2") as info:
         cmp.compare(a, b, home, train=True)
     assert info.value.exit_code == 1 and "--resume" in info.value.hint and not no_torch_scoring
 
 
 def test_compare_and_plot_import_nothing_heavy() -> None:
-    code = ("import sys, dlm.compare, dlm.plot\n"
-            "print(','.join(m for m in ('torch', 'transformers', 'peft', 'matplotlib', 'rich') if m in sys.modules))")
+    code = (
+        "import sys, dlm.use.compare, dlm.cli.plot\n"
+        "print(','.join(m for m in ('torch', 'transformers', 'peft', 'matplotlib', 'rich') if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert res.stdout.strip() == ""
 
@@ -421,8 +557,9 @@ def test_compare_and_plot_import_nothing_heavy() -> None:
 
 from tests.test_commands import dlm  # noqa: E402  (one CLI runner for every test file)
 
-TINY_QA = "\n".join(f"### Q\nWhat is item {i}?\n### A\nItem {i} is number {i * 7} in the catalogue.\n"
-                    for i in range(12))
+TINY_QA = "\n".join(
+    f"### Q\nWhat is item {i}?\n### A\nItem {i} is number {i * 7} in the catalogue.\n" for i in range(12)
+)
 
 
 def tiny_doc(folder: Path, name: str, dlm_id: str, adapter: str, *, qa: str = TINY_QA) -> Path:
@@ -480,8 +617,14 @@ def assert_all_finite(data: dict) -> None:
     for role in ("A", "B"):
         s = data["sides"][role]
         assert s["delta_kl"] > 0, role  # a trained adapter moved the model
-        for key in ("steady_step_seconds", "train_seconds", "peak_memory_bytes", "trainable_params", "adapter_bytes",
-                    "steps"):
+        for key in (
+            "steady_step_seconds",
+            "train_seconds",
+            "peak_memory_bytes",
+            "trainable_params",
+            "adapter_bytes",
+            "steps",
+        ):
             assert isinstance(s[key], (int, float)) and s[key] > 0 and math.isfinite(s[key]), (role, key, s[key])
     assert data["sides"]["A"]["adapter"] == "lora" and data["sides"]["B"]["adapter"] == "dora"
     for key in ("step_time_ratio", "memory_ratio", "train_time_ratio", "params_ratio", "adapter_bytes_ratio"):
@@ -491,8 +634,20 @@ def assert_all_finite(data: dict) -> None:
 @pytest.mark.integration
 def test_cli_gate_exit_codes_both_ways_with_json_and_plot(twins) -> None:
     folder, home, a, b = twins
-    proc = run_dlm("compare", a.name, b.name, "--gate", "--min-gain", "0.99", "--json", "--plot", "out/cmp.png",
-                   home=home, cwd=folder, check=1)
+    proc = run_dlm(
+        "compare",
+        a.name,
+        b.name,
+        "--gate",
+        "--min-gain",
+        "0.99",
+        "--json",
+        "--plot",
+        "out/cmp.png",
+        home=home,
+        cwd=folder,
+        check=1,
+    )
     data = json.loads(proc.stdout)
     assert_all_finite(data)
     assert data["verdict"]["b_pays"] is False and data["verdict"]["keep"] == "A" and data["data"]["same"] is True
@@ -501,8 +656,19 @@ def test_cli_gate_exit_codes_both_ways_with_json_and_plot(twins) -> None:
     assert (folder / "out" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
 
     proc = run_dlm("compare", a.name, b.name, "--gate", "--min-gain", "-1", home=home, cwd=folder, check=0)
-    for needle in ("A = a.dlm (v0001, lora)", "B = b.dlm (v0001, dora)", " base ", "loss", "ppl", "delta_kl",
-                   "s/step", "peak mem", "trainable", "training.adapter", "verdict: keep B"):
+    for needle in (
+        "A = a.dlm (v0001, lora)",
+        "B = b.dlm (v0001, dora)",
+        " base ",
+        "loss",
+        "ppl",
+        "delta_kl",
+        "s/step",
+        "peak mem",
+        "trainable",
+        "training.adapter",
+        "verdict: keep B",
+    ):
         assert needle in proc.stdout, needle
 
 
@@ -540,4 +706,3 @@ def test_train_flag_trains_missing_sides_in_process(twins, tmp_path: Path) -> No
     assert_all_finite(c.to_json())
     again = cmp.compare(a, b, home, train=True)
     assert again.notes == () and again.a.eval_loss == pytest.approx(c.a.eval_loss)
-

@@ -11,7 +11,7 @@ import pytest
 
 SCRIPT = """
 import json, sys, torch
-from dlm import cpu_runtime
+from dlm.train import cpu_runtime
 default = torch.get_num_threads()
 done = cpu_runtime.apply(json.loads(sys.argv[1]), int(sys.argv[2]))
 print(json.dumps({"default": default, "done": done, "now": torch.get_num_threads()}))
@@ -19,8 +19,13 @@ print(json.dumps({"default": default, "done": done, "now": torch.get_num_threads
 
 
 def _apply(runtime: dict, world: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(runtime), str(world)], capture_output=True,
-                         text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(runtime), str(world)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from dlm.doc import MAX_BYTES, MAX_DEPTH, parse_doc, read_doc
+from dlm.doc.datafiles import read_doc
+from dlm.doc.frontmatter import MAX_DEPTH
+from dlm.doc.grammar import parse_doc
+from dlm.doc.schema import parse_spec
+from dlm.doc.text import MAX_BYTES
 from dlm.errors import DlmError, DlmErrors
-from dlm.schema import parse_spec
 
 ID = "01JC8Z3T6V7W8X9Y0Z1A2B3C4D"
 FRONT = f"""---
@@ -68,8 +71,19 @@ def test_positions_of_list_items_in_block_style() -> None:
 
 @pytest.mark.parametrize(
     ("written", "value"),
-    [("2e-5", 2e-5), ("1E3", 1000.0), ("-3.5e+2", -350.0), (".5e3", 500.0), ("2.0e-4", 2e-4),
-     ("'2e-5'", "2e-5"), ('"1E3"', "1E3"), ("!!str 2e-5", "2e-5"), ("12", 12), ("1e", "1e"), ("e5", "e5")],
+    [
+        ("2e-5", 2e-5),
+        ("1E3", 1000.0),
+        ("-3.5e+2", -350.0),
+        (".5e3", 500.0),
+        ("2.0e-4", 2e-4),
+        ("'2e-5'", "2e-5"),
+        ('"1E3"', "1E3"),
+        ("!!str 2e-5", "2e-5"),
+        ("12", 12),
+        ("1e", "1e"),
+        ("e5", "e5"),
+    ],
 )
 def test_yaml_11_scientific_numbers_plain_only(written: str, value: object) -> None:
     d = doc("x\n", front=f"---\ndlm_id: {ID}\nv: {written}\n---\n")
@@ -114,7 +128,7 @@ def test_comment_only_frontmatter_is_an_empty_mapping() -> None:
         ("---\na: !!python/name:os.system\n---\n", 2, 4, "constructor"),
         ("---\na: *nope\n---\n", 2, 4, "alias"),
         ("---\na: 2001-13-45\n---\n", 2, 4, "cannot read the value"),
-        ("---\na: \"open\nb: 1\n---\n", 2, 4, "invalid YAML"),
+        ('---\na: "open\nb: 1\n---\n', 2, 4, "invalid YAML"),
         ("---\na: 1\n", 1, 1, "never closed"),
         ("# Title\n", 1, 1, "first line must be '---'"),
         ("---\na: &x [*x]\n---\n", 2, 4, f"deeper than {MAX_DEPTH}"),
@@ -216,7 +230,10 @@ def test_every_section_kind_with_lines() -> None:
     assert kinds == [("prose", 11), ("instruction", 15), ("prose", 26), ("preference", 28)]
     prose, inst, middle, pref = d.sections
     assert prose.text == "# Title\n\nLeading prose."
-    assert [(p.question, p.answer, p.line) for p in inst.pairs] == [("What?", "This.\nTwo lines.", 16), ("And?", "That.", 22)]
+    assert [(p.question, p.answer, p.line) for p in inst.pairs] == [
+        ("What?", "This.\nTwo lines.", 16),
+        ("And?", "That.", 22),
+    ]
     assert middle.text == "Middle prose."
     assert [(t.prompt, t.chosen, t.rejected, t.line) for t in pref.triples] == [("P", "C", "R", 29)]
     assert all(s.path == "t.dlm" and not s.heldout for s in d.sections)
@@ -333,12 +350,22 @@ def test_jsonl_shapes(tmp_path: Path) -> None:
     rows = [
         {"text": "Plain prose."},
         {"prompt": "P?", "completion": "C.", "heldout": True},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "U1"},
-                      {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"},
-                      {"role": "assistant", "content": "A2"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "U1"},
+                {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "U2"},
+                {"role": "assistant", "content": "A2"},
+            ]
+        },
         {"messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}], "heldout": False},
     ]
-    write(tmp_path, "data/rows.jsonl", "\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]))
+    write(
+        tmp_path,
+        "data/rows.jsonl",
+        "\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]),
+    )
     d = read_doc(data_doc(tmp_path, "data/rows.jsonl"))
     shown = str(tmp_path / "data/rows.jsonl")
     body, text, pc, multi, single = d.sections
@@ -355,12 +382,20 @@ def test_jsonl_shapes(tmp_path: Path) -> None:
 def test_md_txt_and_dlm_data_files(tmp_path: Path) -> None:
     write(tmp_path, "notes.md", "# Notes\r\n\r\nSome notes.\r\n")
     write(tmp_path, "more.txt", "\ufeffplain text\n")
-    write(tmp_path, "sub/other.dlm", "---\nanything: [goes, here]\ndata: [../missing.jsonl]\n---\n"
-                                     "Intro.\n::instruction heldout::\n### Q\nq\n### A\na\n")
+    write(
+        tmp_path,
+        "sub/other.dlm",
+        "---\nanything: [goes, here]\ndata: [../missing.jsonl]\n---\n"
+        "Intro.\n::instruction heldout::\n### Q\nq\n### A\na\n",
+    )
     d = read_doc(data_doc(tmp_path, "notes.md", "more.txt", "sub/other.dlm"))
     texts = [(s.kind, s.text, s.line, s.heldout) for s in d.sections[1:]]
-    assert texts == [("prose", "# Notes\n\nSome notes.", 1, False), ("prose", "plain text", 1, False),
-                     ("prose", "Intro.", 5, False), ("instruction", "", 6, True)]
+    assert texts == [
+        ("prose", "# Notes\n\nSome notes.", 1, False),
+        ("prose", "plain text", 1, False),
+        ("prose", "Intro.", 5, False),
+        ("instruction", "", 6, True),
+    ]
     assert d.sections[-1].path == str(tmp_path / "sub/other.dlm")
 
 
@@ -384,9 +419,16 @@ def test_data_paths_inside_the_folder_are_allowed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("item", "words"),
-    [("../outside.jsonl", "outside the document's folder"), ("/etc/hosts.jsonl", "absolute"), ("~/x.jsonl", "absolute"),
-     ("escape.jsonl", "outside the document's folder"), ("gone.jsonl", "not found"), ("notes.csv", "unsupported"),
-     ("folder.jsonl", "not a file"), ("''", "not a usable data path")],
+    [
+        ("../outside.jsonl", "outside the document's folder"),
+        ("/etc/hosts.jsonl", "absolute"),
+        ("~/x.jsonl", "absolute"),
+        ("escape.jsonl", "outside the document's folder"),
+        ("gone.jsonl", "not found"),
+        ("notes.csv", "unsupported"),
+        ("folder.jsonl", "not a file"),
+        ("''", "not a usable data path"),
+    ],
 )
 def test_data_path_policy_errors_point_at_the_item(tmp_path: Path, item: str, words: str) -> None:
     doc_dir = tmp_path / "doc"
@@ -422,7 +464,12 @@ def test_data_path_policy_errors_point_at_the_item(tmp_path: Path, item: str, wo
         ('{"messages": [{"role": "bot", "content": "x"}]}\n', 1, 2, "unknown role 'bot'"),
         ('{"messages": [{"role": "user", "content": 1}]}\n', 1, 2, "messages[0].content must be a string"),
         ('{"messages": [{"role": "assistant", "content": "a"}]}\n', 1, 2, "messages[0] is a assistant message"),
-        ('{"messages": [{"role": "user", "content": "u"}, {"role": "system", "content": "s"}]}\n', 1, 2, "messages[1] is a system"),
+        (
+            '{"messages": [{"role": "user", "content": "u"}, {"role": "system", "content": "s"}]}\n',
+            1,
+            2,
+            "messages[1] is a system",
+        ),
         ('{"messages": [{"role": "system", "content": "s"}]}\n', 1, 2, "does not end with an assistant reply"),
         ("", 1, 1, "empty"),
         ("\n\n", 1, 1, "empty"),
@@ -430,7 +477,9 @@ def test_data_path_policy_errors_point_at_the_item(tmp_path: Path, item: str, wo
         ('{"n": ' + "9" * 5000 + "}\n", 1, 1, "unreadable JSON"),
     ],
 )
-def test_jsonl_errors_name_the_file_row_and_column(tmp_path: Path, content: str | bytes, line: int, col: int, words: str) -> None:
+def test_jsonl_errors_name_the_file_row_and_column(
+    tmp_path: Path, content: str | bytes, line: int, col: int, words: str
+) -> None:
     rows = write(tmp_path, "rows.jsonl", content)
     with pytest.raises(DlmError) as info:
         read_doc(data_doc(tmp_path, "rows.jsonl"))
@@ -464,8 +513,12 @@ def test_data_that_is_not_a_list_of_strings_is_left_to_the_schema(tmp_path: Path
 
 
 def test_schema_errors_use_the_key_positions(tmp_path: Path) -> None:
-    p = write(tmp_path, "s.dlm", f"---\ndlm_id: {ID}\ndlm_version: 2\ntraining:\n  lora_rank: 8\n"
-                                 "  lora_dropout: 1.5\n  target_modules:\n    - q_proj\n    - 7\n---\nx\n")
+    p = write(
+        tmp_path,
+        "s.dlm",
+        f"---\ndlm_id: {ID}\ndlm_version: 2\ntraining:\n  lora_rank: 8\n"
+        "  lora_dropout: 1.5\n  target_modules:\n    - q_proj\n    - 7\n---\nx\n",
+    )
     d = read_doc(p)
     with pytest.raises(DlmErrors) as info:
         parse_spec(d.frontmatter, d.positions, d.path)
@@ -482,8 +535,30 @@ def test_schema_errors_use_the_key_positions(tmp_path: Path) -> None:
 def test_random_text_only_ever_raises_dlm_errors() -> None:
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
-    pieces = st.sampled_from(["---\n", "::instruction::\n", "::prose heldout::\n", "### Q\n", "### A\n", "```\n", "~~~~\n",
-                              "a: 1\n", "a: &x [*x]\n", "<<: *x\n", "\t", ": ", "- ", "\r", "\ufeff", "\0", "é", "[", "{", "'"])
+    pieces = st.sampled_from(
+        [
+            "---\n",
+            "::instruction::\n",
+            "::prose heldout::\n",
+            "### Q\n",
+            "### A\n",
+            "```\n",
+            "~~~~\n",
+            "a: 1\n",
+            "a: &x [*x]\n",
+            "<<: *x\n",
+            "\t",
+            ": ",
+            "- ",
+            "\r",
+            "\ufeff",
+            "\0",
+            "é",
+            "[",
+            "{",
+            "'",
+        ]
+    )
     texts = st.lists(st.one_of(pieces, st.text(max_size=8)), max_size=30).map("".join)
 
     @hypothesis.settings(max_examples=300, deadline=None, database=None)

@@ -65,7 +65,7 @@ def _adapted(model):
 
 
 def test_enable_counts_layers_and_is_idempotent():
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     model = _tiny_dora()
     assert enable_branch_dropout(model) == N_LAYERS
@@ -75,7 +75,7 @@ def test_enable_counts_layers_and_is_idempotent():
 def test_eval_logits_identical_to_peft():
     import torch
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     ref, fast = _tiny_dora(), _tiny_dora()
     enable_branch_dropout(fast)
@@ -87,7 +87,7 @@ def test_eval_logits_identical_to_peft():
 def test_train_mode_dropout_zero_identical_to_peft():
     import torch
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     ref, fast = _tiny_dora(dropout=0.0), _tiny_dora(dropout=0.0)
     enable_branch_dropout(fast)
@@ -104,7 +104,7 @@ def test_train_mode_matches_branch_formula(conv1d, factored):
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -151,7 +151,7 @@ def test_one_base_matmul_per_layer_in_training():
     import torch
     from torch.overrides import TorchFunctionMode
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     class CountBaseMatmuls(TorchFunctionMode):
         def __init__(self, weights):
@@ -173,7 +173,7 @@ def test_one_base_matmul_per_layer_in_training():
         model.train()
         layers = _adapted(model)
         hooked = []
-        hooks = [m.get_base_layer().register_forward_hook(lambda *a: hooked.append(1)) for m in layers]
+        hooks = [m.get_base_layer().register_forward_hook(lambda *a: hooked.append(1)) for m in layers]  # noqa: B023
         with CountBaseMatmuls([m.get_base_layer().weight for m in layers]) as c:
             model(input_ids=_ids()).logits.sum().backward()
         for h in hooks:
@@ -187,7 +187,7 @@ def test_one_base_matmul_per_layer_in_training():
 def test_training_lowers_loss_and_moves_every_adapter_param(factored):
     import torch
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     model = _tiny_dora(dropout=0.1)
     assert enable_branch_dropout(model, factored_norm=factored) == N_LAYERS
@@ -220,7 +220,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     """TRL checkpoints by default: the recomputed forward must redraw the same branch dropout mask."""
     import torch
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     grads = []
     for checkpointing in (False, True):
@@ -242,7 +242,7 @@ def test_saved_adapter_is_plain_peft(tmp_path):
     import torch
     from peft import PeftModel, get_peft_model_state_dict
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     fast, ref = _tiny_dora(), _tiny_dora()
     enable_branch_dropout(fast)
@@ -278,12 +278,12 @@ def test_multiple_adapters_mixed_batch_and_merge():
     import torch
     from peft import LoraConfig
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     model = _tiny_dora(dropout=0.1)
     model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True, target_modules=TARGETS))
     assert enable_branch_dropout(model) == N_LAYERS
-    assert all(v.forward.__module__ == "dlm.dora_fast" for m in _adapted(model) for v in m.lora_variant.values())
+    assert all(v.forward.__module__ == "dlm.train.dora_fast" for m in _adapted(model) for v in m.lora_variant.values())
 
     model.set_adapter("other")  # the non-default adapter trains in branch mode too
     model.train()
@@ -313,7 +313,7 @@ def test_factored_norm_matches_peft_and_branch_in_training(dropout):
     as branch mode (same dropout mask) with dropout; eval runs PEFT's code, bit for bit."""
     import torch
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     ref, fast = _tiny_dora(dropout=dropout), _tiny_dora(dropout=dropout)
     if dropout:
@@ -340,7 +340,7 @@ def test_factored_norm_keeps_the_adapter_plain_and_follows_weight_changes():
     import torch
     from peft import get_peft_model_state_dict
 
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train.dora_fast import enable_branch_dropout
 
     fast, ref = _tiny_dora(dropout=0.0), _tiny_dora(dropout=0.0)
     enable_branch_dropout(fast, factored_norm=True)
@@ -360,8 +360,8 @@ def test_factored_norm_cache_follows_every_optimizer_step(optimizer):
     AdamW bumps no version counter) the next forward must see the new A and B, as PEFT's code does."""
     import torch
 
-    from dlm import dora_fast
-    from dlm.dora_fast import enable_branch_dropout
+    from dlm.train import dora_fast
+    from dlm.train.dora_fast import enable_branch_dropout
 
     fast, ref = _tiny_dora(dropout=0.0), _tiny_dora(dropout=0.0)
     enable_branch_dropout(fast, factored_norm=True)
@@ -369,7 +369,7 @@ def test_factored_norm_cache_follows_every_optimizer_step(optimizer):
     params = [p for p in fast.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.05, **{optimizer: True})
     ids = _ids()
-    for step in range(3):
+    for _step in range(3):
         seen = dora_fast._OPTIMIZER_STEPS[0]
         for micro in range(2):  # two micro batches: the second one reuses the cached norms
             fast(input_ids=ids, labels=ids).loss.backward()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from dlm.store import open_store, verify
+from dlm.store.store import open_store, verify
 from tests.test_commands import DLM, write_doc
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def cli(*args: str) -> tuple[int, str, str]:
     """`dlm ARGS` in this process: (exit code, stdout, stderr)."""
-    from dlm import cli as cli_module
+    from dlm.cli import app as cli_module
 
     out, err = io.StringIO(), io.StringIO()
     argv = sys.argv
@@ -101,16 +101,31 @@ def test_sigkill_at_random_moments_then_resume(workdir: Path, tmp_path: Path) ->
     each kill, and the run finished afterwards equals an uninterrupted one byte for byte."""
     doc = write_doc(workdir, "killed.dlm", steps=30, extra="  save_steps: 1\n  precision: fp32\n")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "faultdriver.py"), str(doc), str(tmp_path / "home"),
-                           "--trials", "12", "--seed", "7"],
-                          capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "faultdriver.py"),
+            str(doc),
+            str(tmp_path / "home"),
+            "--trials",
+            "12",
+            "--seed",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
     report = json.loads(proc.stdout)
     kills = [t for t in report["trials"] if t["outcome"] == "killed"]
     assert len(report["trials"]) == 12 and len(kills) >= 6, report["trials"]
     assert report["steps"] == 30 and report["same_as_uninterrupted"]
-    print(f"\n{len(kills)} kills of 12 trials in {time.monotonic() - t0:.0f} s (a whole run: {report['full_run_s']} s); "
-          f"moments: {[(t['kind'], t['seconds']) for t in kills]}")
+    print(
+        f"\n{len(kills)} kills of 12 trials in {time.monotonic() - t0:.0f} s (a whole run: {report['full_run_s']} s); "
+        f"moments: {[(t['kind'], t['seconds']) for t in kills]}"
+    )
 
 
 # ---------------------------------------------------------------- a damaged store
@@ -136,21 +151,31 @@ DAMAGE = {  # case -> (what to do to the store root, what the error says)
     "manifest-truncated": (lambda r: _truncate(r / "manifest.json"), "manifest is damaged"),
     "manifest-garbage": (lambda r: (r / "manifest.json").write_bytes(b"\x00\xffnot json"), "manifest"),
     "manifest-emptied": (lambda r: (r / "manifest.json").write_text(""), "manifest is damaged"),
-    "adapter-file-missing": (lambda r: (r / "versions/v0001/adapter_model.safetensors").unlink(),
-                             "adapter_model.safetensors is missing"),
-    "adapter-file-truncated": (lambda r: _truncate(r / "versions/v0001/adapter_model.safetensors", 0.9),
-                               "adapter_model.safetensors has"),
-    "adapter-bytes-edited": (lambda r: _flip(r / "versions/v0001/adapter_model.safetensors"),
-                             "adapter_model.safetensors was modified"),
-    "adapter-config-edited": (lambda r: _flip(r / "versions/v0001/adapter_config.json"),
-                              "adapter_config.json was modified"),
+    "adapter-file-missing": (
+        lambda r: (r / "versions/v0001/adapter_model.safetensors").unlink(),
+        "adapter_model.safetensors is missing",
+    ),
+    "adapter-file-truncated": (
+        lambda r: _truncate(r / "versions/v0001/adapter_model.safetensors", 0.9),
+        "adapter_model.safetensors has",
+    ),
+    "adapter-bytes-edited": (
+        lambda r: _flip(r / "versions/v0001/adapter_model.safetensors"),
+        "adapter_model.safetensors was modified",
+    ),
+    "adapter-config-edited": (
+        lambda r: _flip(r / "versions/v0001/adapter_config.json"),
+        "adapter_config.json was modified",
+    ),
     "checksums-missing": (lambda r: (r / "versions/v0001/files.json").unlink(), "files.json, its checksum record"),
     "pointer-dangling": (_repoint, "not a version"),
 }
 # Runs the CLI in a child and reports, at exit, whether the adapter stack was ever imported.
-PROBE = ("import atexit, sys\n"
-         "atexit.register(lambda: sys.stderr.write('\\nLOADED=%s\\n' % any(m in sys.modules for m in ('peft', 'torch'))))\n"
-         "from dlm.cli import main\nsys.argv = ['dlm'] + sys.argv[1:]\nmain()\n")
+PROBE = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: sys.stderr.write('\\nLOADED=%s\\n' % any(m in sys.modules for m in ('peft', 'torch'))))\n"
+    "from dlm.cli.app import main\nsys.argv = ['dlm'] + sys.argv[1:]\nmain()\n"
+)
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
@@ -161,8 +186,9 @@ def test_a_damaged_store_is_reported_and_never_loaded(trained, home: Path, case:
     damage(root)
     env = {**os.environ, "DLM_HOME": str(home), "COLUMNS": "200"}
     for args in (["show", str(doc)], ["prompt", str(doc), "What is item 3?"]):
-        proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=env,
-                              timeout=120, cwd=doc.parent)
+        proc = subprocess.run(
+            [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=env, timeout=120, cwd=doc.parent
+        )
         refused(proc.returncode, proc.stderr, 1, message)
         assert "LOADED=False" in proc.stderr, f"{args[0]} imported torch/peft for a damaged store"
         assert "hint: " in proc.stderr and ("dlm train" in proc.stderr or "mv " in proc.stderr), proc.stderr
@@ -184,14 +210,15 @@ def test_training_on_a_damaged_manifest_stops_with_the_repair_hint(trained, home
 def test_nan_loss_marks_the_run_failed_and_keeps_the_current_adapter(trained, home: Path, monkeypatch) -> None:
     from dataclasses import replace
 
-    from dlm import train
+    from dlm.train import run as train
 
     doc, _ = trained
     real = train.run
 
     def exploding(plan, *args, **kwargs):  # a learning rate no schema accepts: the loss turns NaN
-        return real(replace(plan, sft_kwargs={**plan.sft_kwargs, "learning_rate": 1e30, "max_grad_norm": 0.0}),
-                    *args, **kwargs)
+        return real(
+            replace(plan, sft_kwargs={**plan.sft_kwargs, "learning_rate": 1e30, "max_grad_norm": 0.0}), *args, **kwargs
+        )
 
     monkeypatch.setattr(train, "run", exploding)
     code, _, err = cli("--home", str(home), "train", str(doc))
@@ -210,7 +237,7 @@ def test_a_full_disk_gives_a_clear_error_and_corrupts_nothing(trained, home: Pat
     inside torch's checkpoint writer (which reports it as RuntimeError "... file write failed")."""
     import torch
 
-    from dlm import store as store_module
+    from dlm.store import store as store_module
 
     doc, _ = trained
     manifest_path = home / "store" / dlm_id(doc) / "manifest.json"
@@ -218,13 +245,17 @@ def test_a_full_disk_gives_a_clear_error_and_corrupts_nothing(trained, home: Pat
     real_write = store_module.write_json
 
     def write_json(path, data):
-        if (where == "manifest" and path.name == "manifest.json") or (where == "version" and path.parent.name.startswith(".v")):
+        if (where == "manifest" and path.name == "manifest.json") or (
+            where == "version" and path.parent.name.startswith(".v")
+        ):
             raise _no_space(path)
         return real_write(path, data)
 
     def save(*args, **kwargs):
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+            "data/0: file write failed"
+        )
 
     monkeypatch.setattr(store_module, "write_json", write_json)
     if where == "checkpoint":
@@ -256,7 +287,7 @@ def test_a_tampered_checkpoint_is_refused_unread(trained, home: Path) -> None:
     with torch.load(weights_only=True), which refuses it; the command never runs."""
     import torch
 
-    from dlm import hardware, runs
+    from dlm.train import device, runs
 
     doc, _ = trained
     marker = home / "pwned"
@@ -265,7 +296,7 @@ def test_a_tampered_checkpoint_is_refused_unread(trained, home: Path) -> None:
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # train.run saves a checkpoint at this step and stops
 
-    outcome = runs.train_document(doc, home, hardware.probe(), max_steps=3, on_step=stop_at_two)
+    outcome = runs.train_document(doc, home, device.probe(), max_steps=3, on_step=stop_at_two)
     assert outcome.summary.status == "interrupted"
     ckpt = open_store(home, dlm_id(doc), doc, "./tiny", readonly=True).latest_checkpoint()
     assert ckpt is not None and (ckpt / "optimizer.pt").is_file()
@@ -286,7 +317,7 @@ def test_document_text_is_never_run_as_a_template(workdir: Path) -> None:
     content: template syntax inside them is text, never evaluated."""
     from transformers import AutoTokenizer
 
-    from dlm.train import render_chat
+    from dlm.train.rows import render_chat
 
     tok = AutoTokenizer.from_pretrained(str(workdir / "tiny"))
     question = "{{ 7 * 7 }} {% for i in range(3) %}loop{% endfor %} {{ cycler.__init__.__globals__ }}"
@@ -301,15 +332,23 @@ def test_remote_code_shipped_with_a_base_never_runs(workdir: Path, tmp_path: Pat
     base = tmp_path / "tiny"
     shutil.copytree(workdir / "tiny", base)
     marker = tmp_path / "pwned"
-    (base / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                                  "from transformers import LlamaConfig, LlamaForCausalLM\n"
-                                  "class EvilConfig(LlamaConfig):\n    pass\n"
-                                  "class EvilModel(LlamaForCausalLM):\n    pass\n")
+    (base / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    pass\n"
+        "class EvilModel(LlamaForCausalLM):\n    pass\n"
+    )
     config = json.loads((base / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
     (base / "config.json").write_text(json.dumps(config))
-    (base / "tokenizer_config.json").write_text(json.dumps(
-        {**json.loads((base / "tokenizer_config.json").read_text()), "auto_map": {"AutoTokenizer": ["evil.EvilConfig", None]}}))
+    (base / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                **json.loads((base / "tokenizer_config.json").read_text()),
+                "auto_map": {"AutoTokenizer": ["evil.EvilConfig", None]},
+            }
+        )
+    )
     doc = write_doc(tmp_path, "remote.dlm", steps=1)
     code, out, err = cli("--home", str(tmp_path / "home"), "train", str(doc))
     assert code == 0, (out[-2000:], err[-2000:])
@@ -328,8 +367,12 @@ def test_two_documents_train_side_by_side(workdir: Path, tmp_path: Path) -> None
     """Different documents have different stores and locks: two `dlm train` at once both succeed."""
     env = {**os.environ, "DLM_HOME": str(tmp_path), "COLUMNS": "200"}
     docs = [write_doc(workdir, f"side-{i}.dlm", steps=4) for i in range(2)]
-    procs = [subprocess.Popen([DLM, "train", d.name], cwd=workdir, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for d in docs]
+    procs = [
+        subprocess.Popen(
+            [DLM, "train", d.name], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for d in docs
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     for proc, (out, err) in zip(procs, results):
         assert proc.returncode == 0 and "Traceback" not in err, (out[-2000:], err[-2000:])

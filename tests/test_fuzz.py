@@ -35,10 +35,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from dlm import corpus  # noqa: E402
-from dlm.doc import normalise, parse_doc, read_doc  # noqa: E402
+from dlm.doc.datafiles import read_doc  # noqa: E402
+from dlm.doc.grammar import parse_doc  # noqa: E402
+from dlm.doc.schema import SCHEMA_VERSION, Spec, Training, parse_spec  # noqa: E402
+from dlm.doc.text import normalise  # noqa: E402
 from dlm.errors import DlmError, DlmErrors  # noqa: E402
-from dlm.schema import SCHEMA_VERSION, Spec, Training, parse_spec  # noqa: E402
+from dlm.plan import corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("DLM_FUZZ_SCALE", "1"))
@@ -226,7 +228,9 @@ training:
 
 
 def _seeds(suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
-    found = [(p.name, p.read_text(encoding="utf-8")) for p in sorted((REPO / "configs").iterdir()) if p.suffix in suffixes]
+    found = [
+        (p.name, p.read_text(encoding="utf-8")) for p in sorted((REPO / "configs").iterdir()) if p.suffix in suffixes
+    ]
     found += [(n, t) for n, t in (("rich.dlm", RICH_DLM), ("rich.yaml", RICH_YAML)) if n.endswith(suffixes)]
     return found
 
@@ -244,37 +248,191 @@ def test_the_seeds_are_valid() -> None:
 # ---------------------------------------------------------------- mutations
 
 FENCE_LINES = [
-    "::instruction::", "::preference::", "::prose::", "::instruction heldout::", "::prose heldout::",
-    "::preference heldout::", "  ::instruction::  ", "\t::prose::", "::x::", "::::", ":::::", "::Instruction::",
-    ":: instruction ::", "::instruction extra::", "::instruction held-out::", "::instrucion::", "::note::",
-    "::instruction heldout heldout::", "::instruction\theldout::", "::préférence::", "::🙂::",
+    "::instruction::",
+    "::preference::",
+    "::prose::",
+    "::instruction heldout::",
+    "::prose heldout::",
+    "::preference heldout::",
+    "  ::instruction::  ",
+    "\t::prose::",
+    "::x::",
+    "::::",
+    ":::::",
+    "::Instruction::",
+    ":: instruction ::",
+    "::instruction extra::",
+    "::instruction held-out::",
+    "::instrucion::",
+    "::note::",
+    "::instruction heldout heldout::",
+    "::instruction\theldout::",
+    "::préférence::",
+    "::🙂::",
 ]
 HEADER_LINES = [
-    "### Q", "### A", "### Prompt", "### Chosen", "### Rejected", "###  Q ", "  ### A", "### Question",
-    "### Answer", "## Q", "###Q", "### q", "#### A", "### A:", "# Prompt", "### Q extra", "### Chosen!",
+    "### Q",
+    "### A",
+    "### Prompt",
+    "### Chosen",
+    "### Rejected",
+    "###  Q ",
+    "  ### A",
+    "### Question",
+    "### Answer",
+    "## Q",
+    "###Q",
+    "### q",
+    "#### A",
+    "### A:",
+    "# Prompt",
+    "### Q extra",
+    "### Chosen!",
 ]
 CODE_LINES = ["```", "````", "~~~", "~~~~", "```python", "  ```", "```x```", "``` `", "~~~ ~~~", "```\t", "`` `"]
 YAML_LINES = [
-    "---", "...", "--- x", "%YAML 1.1", "%TAG ! tag:x,2000:", "a: &a [1, 2]", "b: *a", "<<: *a", "<<: [*a, *a]",
-    "<<: 5", "*a", "&a", "? complex", ": x", "- item", "-", "{", "[", "}", "]", "'", '"', "key: 'unclosed",
-    'key: "\\ud800"', 'key: "\\x00"', 'system_prompt: "\\ud83d\\ude00 \\ud800"', "key: !!python/object:os.system x",
-    "key: !!binary aGVsbG8=", "key: !!set {a, b}", "key: !!omap [a: 1]", "key: !custom x", "key: !!str 2e-5",
-    "lora_r: 1e999", "lora_r: 99999999999999999999999999999999", "seed: -1", "seed: 0x1F", "seed: 0o17", "seed: 1_000",
-    "seed: 1:30", "seed: " + "9" * 5000, "learning_rate: .nan", "learning_rate: .inf", "learning_rate: -.inf",
-    "num_epochs: 2001-13-45", "num_epochs: 2001-12-14t21:59:43.10-05:00", "num_epochs: 2001-12-14 99:00:00",
-    "on: true", "yes: no", "1: x", "null: x", "~: x", "[a, b]: c", "{a: b}: c", "? [a]\n: b", "key: |", "key: >-",
-    "  | bad", "key: @x", "key: `x", "key: %x", "key: a: b", "dlm_id: 01JC8Z3T6V7W8X9Y0Z1A2B3C4", "dlm_version: 99",
-    "training: [1, 2]", "training: null", "training:", "data: [../x.jsonl, /etc/hosts]", "data: 5",
-    "target_modules: []", "target_modules: [q_proj, q_proj]", "target_modules: [1, {a: b}]", "adapter: DoRA",
-    "lora_rank: 8", "use_dora: true", "extra: " + "[" * 25 + "]" * 25, "extra: " + "{a: " * 25 + "1" + "}" * 25,
-    "x: &x [*x]", "y: &y {k: *y}", "\u2028key: x", "key\x85: x", "\x07bell: x", "\ufeffdlm_id: x",
+    "---",
+    "...",
+    "--- x",
+    "%YAML 1.1",
+    "%TAG ! tag:x,2000:",
+    "a: &a [1, 2]",
+    "b: *a",
+    "<<: *a",
+    "<<: [*a, *a]",
+    "<<: 5",
+    "*a",
+    "&a",
+    "? complex",
+    ": x",
+    "- item",
+    "-",
+    "{",
+    "[",
+    "}",
+    "]",
+    "'",
+    '"',
+    "key: 'unclosed",
+    'key: "\\ud800"',
+    'key: "\\x00"',
+    'system_prompt: "\\ud83d\\ude00 \\ud800"',
+    "key: !!python/object:os.system x",
+    "key: !!binary aGVsbG8=",
+    "key: !!set {a, b}",
+    "key: !!omap [a: 1]",
+    "key: !custom x",
+    "key: !!str 2e-5",
+    "lora_r: 1e999",
+    "lora_r: 99999999999999999999999999999999",
+    "seed: -1",
+    "seed: 0x1F",
+    "seed: 0o17",
+    "seed: 1_000",
+    "seed: 1:30",
+    "seed: " + "9" * 5000,
+    "learning_rate: .nan",
+    "learning_rate: .inf",
+    "learning_rate: -.inf",
+    "num_epochs: 2001-13-45",
+    "num_epochs: 2001-12-14t21:59:43.10-05:00",
+    "num_epochs: 2001-12-14 99:00:00",
+    "on: true",
+    "yes: no",
+    "1: x",
+    "null: x",
+    "~: x",
+    "[a, b]: c",
+    "{a: b}: c",
+    "? [a]\n: b",
+    "key: |",
+    "key: >-",
+    "  | bad",
+    "key: @x",
+    "key: `x",
+    "key: %x",
+    "key: a: b",
+    "dlm_id: 01JC8Z3T6V7W8X9Y0Z1A2B3C4",
+    "dlm_version: 99",
+    "training: [1, 2]",
+    "training: null",
+    "training:",
+    "data: [../x.jsonl, /etc/hosts]",
+    "data: 5",
+    "target_modules: []",
+    "target_modules: [q_proj, q_proj]",
+    "target_modules: [1, {a: b}]",
+    "adapter: DoRA",
+    "lora_rank: 8",
+    "use_dora: true",
+    "extra: " + "[" * 25 + "]" * 25,
+    "extra: " + "{a: " * 25 + "1" + "}" * 25,
+    "x: &x [*x]",
+    "y: &y {k: *y}",
+    "\u2028key: x",
+    "key\x85: x",
+    "\x07bell: x",
+    "\ufeffdlm_id: x",
 ]
 TEXT_LINES = [
-    "", " ", "\t", "plain prose", "é ü ß 日本語 🙂 עברית", "\u200b\u200d", "\u2028", "\x85", "\ufeff", "\x00", "\x07",
-    "\ud800", "a\x0bb\x0cc", "#", "# heading", "- list", "> quote", "    indented code", "|", "::", ":: ::",
+    "",
+    " ",
+    "\t",
+    "plain prose",
+    "é ü ß 日本語 🙂 עברית",
+    "\u200b\u200d",
+    "\u2028",
+    "\x85",
+    "\ufeff",
+    "\x00",
+    "\x07",
+    "\ud800",
+    "a\x0bb\x0cc",
+    "#",
+    "# heading",
+    "- list",
+    "> quote",
+    "    indented code",
+    "|",
+    "::",
+    ":: ::",
 ]
-SNIPPETS = ["\t", ": ", " #", "&x ", "*x", "!", "|", ">", "%", "@", "`", "'", '"', "[", "{", "]", "}", ",", "- ", "? ",
-            "\\", "\ufeff", "\u2028", "\x85", "\r", "\r\n", "\x00", "\ud800", "é", "🙂", "e-5", "0x", ".", "~"]
+SNIPPETS = [
+    "\t",
+    ": ",
+    " #",
+    "&x ",
+    "*x",
+    "!",
+    "|",
+    ">",
+    "%",
+    "@",
+    "`",
+    "'",
+    '"',
+    "[",
+    "{",
+    "]",
+    "}",
+    ",",
+    "- ",
+    "? ",
+    "\\",
+    "\ufeff",
+    "\u2028",
+    "\x85",
+    "\r",
+    "\r\n",
+    "\x00",
+    "\ud800",
+    "é",
+    "🙂",
+    "e-5",
+    "0x",
+    ".",
+    "~",
+]
 INSERT_LINES = FENCE_LINES + HEADER_LINES + CODE_LINES + YAML_LINES + TEXT_LINES
 
 
@@ -284,8 +442,24 @@ def _index(draw: Any, seq: list, extra: int = 0) -> int:
 
 def _mutate_lines(draw: Any, lines: list[str]) -> list[str]:
     lines = list(lines)
-    op = draw(st.sampled_from(
-        ["delete", "duplicate", "swap", "move", "insert", "insert", "insert", "snippet", "tab", "indent", "dedent", "value"]))
+    op = draw(
+        st.sampled_from(
+            [
+                "delete",
+                "duplicate",
+                "swap",
+                "move",
+                "insert",
+                "insert",
+                "insert",
+                "snippet",
+                "tab",
+                "indent",
+                "dedent",
+                "value",
+            ]
+        )
+    )
     if not lines:
         return [draw(st.sampled_from(INSERT_LINES))]
     i = _index(draw, lines)
@@ -338,15 +512,79 @@ def _mutate_text(draw: Any, text: str) -> str:
 
 
 yaml_value_text = st.one_of(
-    st.sampled_from([
-        "", "~", "null", "yes", "no", "on", "Off", "true", "auto", "all-linear", "[]", "{}", "[q_proj]", "[q_proj, ]",
-        "dora", "qlora", "lora", "galore_adamw_layerwise", "bf16", "0", "-1", "1.5", "1e-5", "1E3", "-3.5e+2", ".5",
-        "1e", "0x10", "0b101", "1_0", "12:30", ".inf", "-.inf", ".NaN", "2001-12-14", "2e400", "1" + "0" * 400,
-        "'quoted'", '"dq"', "'unclosed", '"\\ud800"', '"\\uDFFF"', '"\\U0001F600"', '"\\0"', '"\\x85"', "&a 1", "*a",
-        "*undefined", "!!int x", "!!float 1", "!!bool maybe", "!!null x", "!!timestamp x", "!!str", "!!map {a: 1}",
-        "|", ">", "|-\n  text", "[1, [2, [3]]]", "{a: {b: {c: 1}}}", "- a", "a: b", "#comment", "x #comment",
-        "01JC8Z3T6V7W8X9Y0Z1A2B3C4D", "01jc8z3t6v7w8x9y0z1a2b3c4d", "smollm2-135m", "org/name", "./model.gguf",
-    ]),
+    st.sampled_from(
+        [
+            "",
+            "~",
+            "null",
+            "yes",
+            "no",
+            "on",
+            "Off",
+            "true",
+            "auto",
+            "all-linear",
+            "[]",
+            "{}",
+            "[q_proj]",
+            "[q_proj, ]",
+            "dora",
+            "qlora",
+            "lora",
+            "galore_adamw_layerwise",
+            "bf16",
+            "0",
+            "-1",
+            "1.5",
+            "1e-5",
+            "1E3",
+            "-3.5e+2",
+            ".5",
+            "1e",
+            "0x10",
+            "0b101",
+            "1_0",
+            "12:30",
+            ".inf",
+            "-.inf",
+            ".NaN",
+            "2001-12-14",
+            "2e400",
+            "1" + "0" * 400,
+            "'quoted'",
+            '"dq"',
+            "'unclosed",
+            '"\\ud800"',
+            '"\\uDFFF"',
+            '"\\U0001F600"',
+            '"\\0"',
+            '"\\x85"',
+            "&a 1",
+            "*a",
+            "*undefined",
+            "!!int x",
+            "!!float 1",
+            "!!bool maybe",
+            "!!null x",
+            "!!timestamp x",
+            "!!str",
+            "!!map {a: 1}",
+            "|",
+            ">",
+            "|-\n  text",
+            "[1, [2, [3]]]",
+            "{a: {b: {c: 1}}}",
+            "- a",
+            "a: b",
+            "#comment",
+            "x #comment",
+            "01JC8Z3T6V7W8X9Y0Z1A2B3C4D",
+            "01jc8z3t6v7w8x9y0z1a2b3c4d",
+            "smollm2-135m",
+            "org/name",
+            "./model.gguf",
+        ]
+    ),
     st.integers(-(2**70), 2**70).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.text(max_size=12),
@@ -383,21 +621,92 @@ def test_mutated_configs_as_specs(case: tuple[str, str]) -> None:
 
 TOP_KEYS = list(Spec.model_fields)
 TRAINING_KEYS = list(Training.model_fields)
-STRANGE_KEYS = ["lora_rank", "rank", "lr", "use_dora", "load_in_4bit", "model", "trainig", "Training", "DATA", "",
-                "<<", "on", "yes", "1", "null", "~", "a b", "#x", "-x", "ключ", "🔑", "x" * 300]
-ENUM_VALUES = ["auto", "all-linear", "lora", "qlora", "dora", "adamw_torch", "adamw_torch_fused", "adamw_8bit",
-               "paged_adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise", "adafactor", "bf16",
-               "fp16", "fp32", "linear", "cosine", "constant_with_warmup", "none", "tensorboard", ID, "smollm2-135m",
-               "q_proj", "v_proj", "2e-5", "1E3", "yes", "no", "on", "off", "0x1F", "0o17", "1_000", "1:30",
-               "2001-12-14", ".inf", ".nan", "~", "null", "true", "data/a.jsonl", "../x.jsonl", "/etc/hosts"]
+STRANGE_KEYS = [
+    "lora_rank",
+    "rank",
+    "lr",
+    "use_dora",
+    "load_in_4bit",
+    "model",
+    "trainig",
+    "Training",
+    "DATA",
+    "",
+    "<<",
+    "on",
+    "yes",
+    "1",
+    "null",
+    "~",
+    "a b",
+    "#x",
+    "-x",
+    "ключ",
+    "🔑",
+    "x" * 300,
+]
+ENUM_VALUES = [
+    "auto",
+    "all-linear",
+    "lora",
+    "qlora",
+    "dora",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "galore_adamw_layerwise",
+    "adafactor",
+    "bf16",
+    "fp16",
+    "fp32",
+    "linear",
+    "cosine",
+    "constant_with_warmup",
+    "none",
+    "tensorboard",
+    ID,
+    "smollm2-135m",
+    "q_proj",
+    "v_proj",
+    "2e-5",
+    "1E3",
+    "yes",
+    "no",
+    "on",
+    "off",
+    "0x1F",
+    "0o17",
+    "1_000",
+    "1:30",
+    "2001-12-14",
+    ".inf",
+    ".nan",
+    "~",
+    "null",
+    "true",
+    "data/a.jsonl",
+    "../x.jsonl",
+    "/etc/hosts",
+]
 scalars = st.one_of(
-    st.none(), st.booleans(), st.sampled_from(ENUM_VALUES), st.text(max_size=16),
-    st.integers(-(2**40), 2**40), st.integers(-(2**80), 2**80), st.sampled_from([0, 1, 8, 16, 1024, 1025, 2**32, -1]),
-    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 0.05, 0.1, 0.9, 1.0, 2e-4, 1e-300, 1e300]),
+    st.none(),
+    st.booleans(),
+    st.sampled_from(ENUM_VALUES),
+    st.text(max_size=16),
+    st.integers(-(2**40), 2**40),
+    st.integers(-(2**80), 2**80),
+    st.sampled_from([0, 1, 8, 16, 1024, 1025, 2**32, -1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, 0.05, 0.1, 0.9, 1.0, 2e-4, 1e-300, 1e300]),
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(TRAINING_KEYS + STRANGE_KEYS), inner, max_size=4)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(TRAINING_KEYS + STRANGE_KEYS), inner, max_size=4)
+    ),
     max_leaves=8,
 )
 
@@ -414,7 +723,11 @@ def _plain(value: Any, draw: Any) -> str:
             return json.dumps(value)  # JSON string escapes are YAML double-quoted escapes
     elif isinstance(value, (int, float, bool)) or value is None:
         if draw(st.booleans()):
-            return {True: "true", False: "false", None: "null"}.get(value, repr(value)) if isinstance(value, (bool, type(None))) else repr(value)
+            return (
+                {True: "true", False: "false", None: "null"}.get(value, repr(value))
+                if isinstance(value, (bool, type(None)))
+                else repr(value)
+            )
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
@@ -439,10 +752,14 @@ def frontmatters(draw: Any) -> dict:
     fm: dict[str, Any] = {}
     if draw(st.integers(0, 9)):  # usually a valid id, so the schema goes on to the other keys
         fm["dlm_id"] = ID
-    for key in draw(st.lists(st.sampled_from(TOP_KEYS + STRANGE_KEYS[:8] + TRAINING_KEYS[:6]), max_size=5, unique=True)):
+    for key in draw(
+        st.lists(st.sampled_from(TOP_KEYS + STRANGE_KEYS[:8] + TRAINING_KEYS[:6]), max_size=5, unique=True)
+    ):
         fm[key] = draw(values)
     if draw(st.booleans()):
-        fm["training"] = draw(st.dictionaries(st.sampled_from(TRAINING_KEYS + STRANGE_KEYS), st.one_of(scalars, values), max_size=8))
+        fm["training"] = draw(
+            st.dictionaries(st.sampled_from(TRAINING_KEYS + STRANGE_KEYS), st.one_of(scalars, values), max_size=8)
+        )
     return fm
 
 
@@ -453,8 +770,13 @@ def frontmatter_docs(draw: Any) -> tuple[str, str]:
     if how == "lines":
         body_yaml = "\n".join(_emit(fm, draw)) + "\n"
     else:
-        body_yaml = yaml.safe_dump(fm, default_flow_style=(how == "flow"), allow_unicode=(how == "unicode"),
-                                   sort_keys=draw(st.booleans()), width=draw(st.sampled_from([20, 80, 10_000])))
+        body_yaml = yaml.safe_dump(
+            fm,
+            default_flow_style=(how == "flow"),
+            allow_unicode=(how == "unicode"),
+            sort_keys=draw(st.booleans()),
+            width=draw(st.sampled_from([20, 80, 10_000])),
+        )
     if draw(st.integers(0, 4)) == 0:
         return "spec.yaml", body_yaml
     return "doc.dlm", "---\n" + body_yaml + "---\n" + draw(bodies)
@@ -463,9 +785,14 @@ def frontmatter_docs(draw: Any) -> tuple[str, str]:
 # ---------------------------------------------------------------- random bodies from a grammar
 
 body_line = st.one_of(
-    st.sampled_from(FENCE_LINES), st.sampled_from(FENCE_LINES[:6]), st.sampled_from(HEADER_LINES),
-    st.sampled_from(HEADER_LINES[:5]), st.sampled_from(CODE_LINES), st.sampled_from(TEXT_LINES),
-    st.text(alphabet=string.ascii_letters + " :#`~-*\t", max_size=20), st.text(max_size=12),
+    st.sampled_from(FENCE_LINES),
+    st.sampled_from(FENCE_LINES[:6]),
+    st.sampled_from(HEADER_LINES),
+    st.sampled_from(HEADER_LINES[:5]),
+    st.sampled_from(CODE_LINES),
+    st.sampled_from(TEXT_LINES),
+    st.text(alphabet=string.ascii_letters + " :#`~-*\t", max_size=20),
+    st.text(max_size=12),
 )
 bodies = st.lists(body_line, max_size=30).map("\n".join)
 
@@ -507,9 +834,9 @@ def _outcome(text: str) -> tuple:
 
 words = st.text(alphabet=string.ascii_letters + string.digits + " .,;!?'()-", min_size=1, max_size=30).filter(str.strip)
 paragraph = st.lists(words, min_size=1, max_size=3).map(lambda ws: "\n".join(w.strip() or "x" for w in ws))
-code_block = st.tuples(st.sampled_from(["```", "~~~", "````"]), st.lists(st.sampled_from(FENCE_LINES + HEADER_LINES), max_size=3)).map(
-    lambda t: "\n".join([t[0], *t[1], t[0]])
-)
+code_block = st.tuples(
+    st.sampled_from(["```", "~~~", "````"]), st.lists(st.sampled_from(FENCE_LINES + HEADER_LINES), max_size=3)
+).map(lambda t: "\n".join([t[0], *t[1], t[0]]))
 answer = st.one_of(paragraph, st.tuples(paragraph, code_block).map("\n".join))
 
 
@@ -529,7 +856,11 @@ def render_sections(sections: list, draw: Any) -> str:
     blank = lambda: "\n" * draw(st.integers(0, 2))  # noqa: E731
     parts = []
     for kind, held, items in sections:
-        parts.append(draw(st.sampled_from(["", " ", "\t"])) + f"::{kind}{' heldout' if held else ''}::" + draw(st.sampled_from(["", "  "])))
+        parts.append(
+            draw(st.sampled_from(["", " ", "\t"]))
+            + f"::{kind}{' heldout' if held else ''}::"
+            + draw(st.sampled_from(["", "  "]))
+        )
         headers = {"prose": None, "instruction": ("Q", "A"), "preference": ("Prompt", "Chosen", "Rejected")}[kind]
         for item in items:
             if headers is None:
@@ -549,7 +880,7 @@ def test_valid_bodies_match_their_model(data: Any) -> None:
     result = pipeline(text, "valid.dlm")
     assert result is not None, text
     doc, _ = result
-    got = [s for s in doc.sections]
+    got = list(doc.sections)
     assert [(s.kind, s.heldout) for s in got] == [(k, h) for k, h, _ in model]
     for s, (kind, _, items) in zip(got, model):
         if kind == "prose":
@@ -561,6 +892,7 @@ def test_valid_bodies_match_their_model(data: Any) -> None:
 
 
 # ---------------------------------------------------------------- valid training values round-trip
+
 
 class _Dumper(yaml.SafeDumper):
     """Quotes what dlm's loader would read as a float (`2e-5`), like dlm's own resolver."""
@@ -575,43 +907,51 @@ _Dumper.add_implicit_resolver(
 module_names = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_.]{0,12}\Z")
 auto_or_int = st.one_of(st.just("auto"), st.integers(1, 4096))
 finite = {"allow_nan": False, "allow_infinity": False}
-valid_training = st.fixed_dictionaries({}, optional={
-    "adapter": st.sampled_from(["lora", "qlora", "dora"]),
-    "lora_r": st.integers(1, 1024),
-    "lora_alpha": st.integers(1, 2**31),
-    "lora_dropout": st.floats(0, 1, exclude_max=True, **finite),
-    "target_modules": st.one_of(st.sampled_from(["auto", "all-linear"]), st.lists(module_names, min_size=1, max_size=4, unique=True)),
-    "use_rslora": st.booleans(),
-    "optimizer": st.sampled_from(typing.get_args(Training.model_fields["optimizer"].annotation)),
-    "galore_rank": st.integers(1, 10**6),
-    "galore_scale": st.floats(1e-9, 1e6, **finite),
-    "learning_rate": st.floats(1e-12, 1, **finite),
-    "num_epochs": st.one_of(st.integers(1, 10_000), st.floats(1e-6, 10_000, **finite)),
-    "max_steps": st.one_of(st.none(), st.integers(1, 10**9)),
-    "micro_batch_size": auto_or_int,
-    "grad_accum": auto_or_int,
-    "sequence_len": st.integers(16, 1_048_576),
-    "precision": st.sampled_from(["auto", "bf16", "fp16", "fp32"]),
-    "gradient_checkpointing": st.sampled_from(["auto", True, False]),
-    "packing": st.booleans(),
-    "warmup_ratio": st.floats(0, 1, exclude_max=True, **finite),
-    "weight_decay": st.floats(0, 1e6, **finite),
-    "max_grad_norm": st.floats(1e-9, 1e9, **finite),
-    "seed": st.integers(0, 2**32 - 1),
-    "eval_fraction": st.floats(0, 0.9, **finite),
-    "eval_steps": st.one_of(st.none(), st.integers(1, 10**6)),
-    "logging_steps": st.integers(1, 10**6),
-    "report_to": st.sampled_from(["none", "tensorboard"]),
-})
+valid_training = st.fixed_dictionaries(
+    {},
+    optional={
+        "adapter": st.sampled_from(["lora", "qlora", "dora"]),
+        "lora_r": st.integers(1, 1024),
+        "lora_alpha": st.integers(1, 2**31),
+        "lora_dropout": st.floats(0, 1, exclude_max=True, **finite),
+        "target_modules": st.one_of(
+            st.sampled_from(["auto", "all-linear"]), st.lists(module_names, min_size=1, max_size=4, unique=True)
+        ),
+        "use_rslora": st.booleans(),
+        "optimizer": st.sampled_from(typing.get_args(Training.model_fields["optimizer"].annotation)),
+        "galore_rank": st.integers(1, 10**6),
+        "galore_scale": st.floats(1e-9, 1e6, **finite),
+        "learning_rate": st.floats(1e-12, 1, **finite),
+        "num_epochs": st.one_of(st.integers(1, 10_000), st.floats(1e-6, 10_000, **finite)),
+        "max_steps": st.one_of(st.none(), st.integers(1, 10**9)),
+        "micro_batch_size": auto_or_int,
+        "grad_accum": auto_or_int,
+        "sequence_len": st.integers(16, 1_048_576),
+        "precision": st.sampled_from(["auto", "bf16", "fp16", "fp32"]),
+        "gradient_checkpointing": st.sampled_from(["auto", True, False]),
+        "packing": st.booleans(),
+        "warmup_ratio": st.floats(0, 1, exclude_max=True, **finite),
+        "weight_decay": st.floats(0, 1e6, **finite),
+        "max_grad_norm": st.floats(1e-9, 1e9, **finite),
+        "seed": st.integers(0, 2**32 - 1),
+        "eval_fraction": st.floats(0, 0.9, **finite),
+        "eval_steps": st.one_of(st.none(), st.integers(1, 10**6)),
+        "logging_steps": st.integers(1, 10**6),
+        "report_to": st.sampled_from(["none", "tensorboard"]),
+    },
+)
 # No surrogates (not text), and no NEL: PyYAML's emitter writes a raw U+0085 inside single quotes,
 # where its own reader (YAML 1.1: NEL is a line break) folds it into a space. A dumper bug, not dlm's.
 yaml_safe_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x85")
-valid_top = st.fixed_dictionaries({"dlm_id": st.just(ID)}, optional={
-    "dlm_version": st.integers(1, SCHEMA_VERSION),
-    "base_model": st.text(yaml_safe_chars, min_size=1, max_size=20),
-    "system_prompt": st.one_of(st.none(), st.text(yaml_safe_chars, max_size=40)),
-    "trust_remote_code": st.booleans(),
-})
+valid_top = st.fixed_dictionaries(
+    {"dlm_id": st.just(ID)},
+    optional={
+        "dlm_version": st.integers(1, SCHEMA_VERSION),
+        "base_model": st.text(yaml_safe_chars, min_size=1, max_size=20),
+        "system_prompt": st.one_of(st.none(), st.text(yaml_safe_chars, max_size=40)),
+        "trust_remote_code": st.booleans(),
+    },
+)
 
 
 @fuzz("test_valid_training_values_round_trip")
@@ -654,23 +994,46 @@ def good_row(draw: Any) -> dict:
 
 
 def _dump(row: Any, draw: Any) -> str:
-    return json.dumps(row, ensure_ascii=draw(st.booleans()), separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])))
+    return json.dumps(
+        row, ensure_ascii=draw(st.booleans()), separators=draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+    )
 
 
 @st.composite
 def bad_row(draw: Any) -> tuple[str, bytes]:
     """(kind, the row's bytes): each kind is refused whatever the other rows say."""
     row = draw(good_row())
-    kind = draw(st.sampled_from([
-        "truncated", "not-object", "unknown-key", "wrong-type", "blank-text", "mixed", "missing", "heldout-type",
-        "no-messages", "bad-role", "ends-with-user", "late-system", "message-keys", "surrogate", "deep", "bad-utf8",
-        "huge-int", "nan",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "truncated",
+                "not-object",
+                "unknown-key",
+                "wrong-type",
+                "blank-text",
+                "mixed",
+                "missing",
+                "heldout-type",
+                "no-messages",
+                "bad-role",
+                "ends-with-user",
+                "late-system",
+                "message-keys",
+                "surrogate",
+                "deep",
+                "bad-utf8",
+                "huge-int",
+                "nan",
+            ]
+        )
+    )
     if kind == "truncated":
         text = _dump(row, draw)
         return kind, text[: draw(st.integers(1, len(text) - 1))].encode()
     if kind == "not-object":
-        return kind, json.dumps(draw(st.one_of(st.lists(st.integers(), max_size=2), clean_text, st.integers(), st.none(), st.booleans()))).encode()
+        return kind, json.dumps(
+            draw(st.one_of(st.lists(st.integers(), max_size=2), clean_text, st.integers(), st.none(), st.booleans()))
+        ).encode()
     if kind == "deep":
         return kind, b"[" * 5000 + b"]" * 5000
     if kind == "bad-utf8":
@@ -702,12 +1065,22 @@ def bad_row(draw: Any) -> tuple[str, bytes]:
     elif kind == "no-messages":
         row = {"messages": draw(st.sampled_from([[], {}, "hi", None]))}
     elif kind == "bad-role":
-        row = {"messages": [{"role": draw(st.sampled_from(["User", "bot", "", "tool"])), "content": "x"},
-                            {"role": "assistant", "content": "y"}]}
+        row = {
+            "messages": [
+                {"role": draw(st.sampled_from(["User", "bot", "", "tool"])), "content": "x"},
+                {"role": "assistant", "content": "y"},
+            ]
+        }
     elif kind == "ends-with-user":
         row = {"messages": [{"role": "user", "content": "x"}]}
     elif kind == "late-system":
-        row = {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "y"}]}
+        row = {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "y"},
+            ]
+        }
     elif kind == "message-keys":
         row = {"messages": [{"role": "user", "content": "x", "name": "n"}, {"role": "assistant", "content": "y"}]}
     elif kind == "surrogate":  # a JSON escape for half of a UTF-16 pair: valid JSON, not valid text
@@ -746,7 +1119,9 @@ def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_jsonl_data_files(data_folder: Path) -> None:
     @fuzz("test_jsonl_data_files")
-    @given(case=jsonl_files(), ending=st.sampled_from([b"\n", b"\r\n"]), spec=st.booleans(), final_newline=st.booleans())
+    @given(
+        case=jsonl_files(), ending=st.sampled_from([b"\n", b"\r\n"]), spec=st.booleans(), final_newline=st.booleans()
+    )
     def check(case: tuple[list[bytes], int | None], ending: bytes, spec: bool, final_newline: bool) -> None:
         RAN["test_jsonl_data_files"] += 1
         rows, first_bad = case

@@ -29,7 +29,10 @@ def test_cli_refuses_with_location_and_hint(name: str, home: Path) -> None:
     expected = EXPECTED[name]
     proc = subprocess.run(
         [sys.executable, "-m", "dlm", "doctor", name],
-        cwd=MALFORMED, capture_output=True, text=True, timeout=120,
+        cwd=MALFORMED,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output, output

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import FIXTURES
-from dlm import bases
-from dlm.corpus import CorpusStats
-from dlm.hardware import HardwareFacts, load_fixture
-from dlm.plan import Plan, make_plan, memory_budget
-from dlm.schema import parse_spec
+
+from dlm.doc.schema import parse_spec
+from dlm.plan import bases
+from dlm.plan.corpus import CorpusStats
+from dlm.plan.hardware import HardwareFacts, load_fixture
+from dlm.plan.planner import Plan, make_plan, memory_budget
 
 ID = "01KAV3J8ZP4N6Q2R7S9T0W1X2Y"
 HW_DIR = FIXTURES / "hardware"
@@ -37,16 +37,37 @@ def hw(name: str) -> HardwareFacts:
 
 
 def corpus(n_train: int = 40, n_heldout: int = 4, mean: int = 60, longest: int = 120) -> CorpusStats:
-    return CorpusStats(n_train=n_train, n_heldout=n_heldout, train_tokens=n_train * mean, max_tokens=longest,
-                       n_prose=n_train // 4, n_instruction=n_train - n_train // 4)
+    return CorpusStats(
+        n_train=n_train,
+        n_heldout=n_heldout,
+        train_tokens=n_train * mean,
+        max_tokens=longest,
+        n_prose=n_train // 4,
+        n_instruction=n_train - n_train // 4,
+    )
 
 
-def plan(machine: str = "cpu", base: str = "smollm2-135m", stats: CorpusStats | None = None, *,
-         world_size: int = 1, purpose: str = "train", top: dict | None = None, sharding: str = "none",
-         **training: Any) -> Plan:
+def plan(
+    machine: str = "cpu",
+    base: str = "smollm2-135m",
+    stats: CorpusStats | None = None,
+    *,
+    world_size: int = 1,
+    purpose: str = "train",
+    top: dict | None = None,
+    sharding: str = "none",
+    **training: Any,
+) -> Plan:
     spec = parse_spec({"dlm_id": ID, "base_model": base, **(top or {}), "training": training})
-    return make_plan(spec, hw(machine), bases.resolve(base), stats or corpus(), world_size=world_size,
-                     purpose=purpose, sharding=sharding)
+    return make_plan(
+        spec,
+        hw(machine),
+        bases.resolve(base),
+        stats or corpus(),
+        world_size=world_size,
+        purpose=purpose,
+        sharding=sharding,
+    )
 
 
 def codes(p: Plan) -> set[str]:
@@ -76,54 +97,100 @@ def test_fixtures_say_what_the_brief_says() -> None:
 
 # (code, trigger kwargs, near-miss kwargs); kwargs go to plan().
 FINDING_CASES: list[tuple[str, dict, dict]] = [
-    ("dora-with-dropout", dict(adapter="dora", lora_dropout=0.05, dora_dropout="input"),
-     dict(adapter="dora", lora_dropout=0.0, dora_dropout="input")),
+    (
+        "dora-with-dropout",
+        dict(adapter="dora", lora_dropout=0.05, dora_dropout="input"),
+        dict(adapter="dora", lora_dropout=0.0, dora_dropout="input"),
+    ),
     # the default is PEFT's form; branch mode takes no second base matmul: nothing to warn about
-    ("dora-with-dropout", dict(adapter="dora", lora_dropout=0.05),
-     dict(adapter="dora", lora_dropout=0.05, dora_dropout="branch")),
+    (
+        "dora-with-dropout",
+        dict(adapter="dora", lora_dropout=0.05),
+        dict(adapter="dora", lora_dropout=0.05, dora_dropout="branch"),
+    ),
     ("dora-high-rank", dict(adapter="dora", lora_r=32), dict(adapter="dora", lora_r=16)),
     ("dora-short-run", dict(adapter="dora", max_steps=499), dict(adapter="dora", max_steps=500)),
     ("dora-small-batch", dict(adapter="dora", micro_batch_size=1), dict(adapter="dora", micro_batch_size=2)),
     ("dora-unmerged-inference", dict(adapter="dora", purpose="prompt"), dict(adapter="dora", purpose="train")),
     ("dora-unmerged-inference", dict(adapter="dora", purpose="prompt"), dict(adapter="lora", purpose="prompt")),
-    ("galore-small-base", dict(optimizer="galore_adamw", machine="a100-40g"),
-     dict(optimizer="galore_adamw", machine="a100-40g", base="llama-3.2-1b")),
+    (
+        "galore-small-base",
+        dict(optimizer="galore_adamw", machine="a100-40g"),
+        dict(optimizer="galore_adamw", machine="a100-40g", base="llama-3.2-1b"),
+    ),
     ("galore-with-adapter", dict(optimizer="galore_adamw"), dict(optimizer="adamw_torch")),
-    ("galore-layerwise-accum", dict(optimizer="galore_adamw_layerwise", grad_accum=2),
-     dict(optimizer="galore_adamw_layerwise")),
-    ("galore-layerwise-accum", dict(optimizer="galore_adamw_layerwise", machine="h100", world_size=2),
-     dict(optimizer="galore_adamw_layerwise", machine="h100", world_size=1)),
+    (
+        "galore-layerwise-accum",
+        dict(optimizer="galore_adamw_layerwise", grad_accum=2),
+        dict(optimizer="galore_adamw_layerwise"),
+    ),
+    (
+        "galore-layerwise-accum",
+        dict(optimizer="galore_adamw_layerwise", machine="h100", world_size=2),
+        dict(optimizer="galore_adamw_layerwise", machine="h100", world_size=1),
+    ),
     ("qlora-needs-bitsandbytes", dict(adapter="qlora", machine="mps"), dict(adapter="qlora", machine="cpu")),
-    ("optimizer-needs-bitsandbytes", dict(optimizer="adamw_8bit", machine="mps"),
-     dict(optimizer="adamw_8bit", machine="cpu")),
+    (
+        "optimizer-needs-bitsandbytes",
+        dict(optimizer="adamw_8bit", machine="mps"),
+        dict(optimizer="adamw_8bit", machine="cpu"),
+    ),
     ("qlora-slow-on-cpu", dict(adapter="qlora", machine="cpu"), dict(adapter="qlora", machine="t4")),
     ("bf16-unsupported", dict(precision="bf16", machine="t4"), dict(precision="bf16", machine="a100-40g")),
     ("bf16-emulated-cpu", dict(precision="bf16", machine="cpu"), dict(precision="bf16", machine="cpu-bf16")),
     ("fp16-on-cpu", dict(precision="fp16", machine="cpu"), dict(precision="fp16", machine="t4")),
-    ("target-module-missing", dict(target_modules=["q_proj", "foo_proj"]),
-     dict(target_modules=["q_proj", "self_attn.v_proj", "down_proj"])),
+    (
+        "target-module-missing",
+        dict(target_modules=["q_proj", "foo_proj"]),
+        dict(target_modules=["q_proj", "self_attn.v_proj", "down_proj"]),
+    ),
     ("seq-len-clipped", dict(sequence_len=16384), dict(sequence_len=8192)),
     ("lora-lr-low", dict(learning_rate=2e-5), dict(learning_rate=3e-5)),
-    ("memory-over-budget", dict(base="llama-3.1-8b", machine="t4"),
-     dict(base="llama-3.1-8b", machine="t4", adapter="qlora")),
+    (
+        "memory-over-budget",
+        dict(base="llama-3.1-8b", machine="t4"),
+        dict(base="llama-3.1-8b", machine="t4", adapter="qlora"),
+    ),
     ("few-steps", dict(max_steps=19), dict(max_steps=20)),
     ("no-heldout", dict(stats=corpus(n_heldout=0)), dict(stats=corpus(n_heldout=1))),
     ("base-demo-only", dict(base="smollm2-135m"), dict(base="qwen2.5-0.5b")),
     ("trust-remote-code", dict(top={"trust_remote_code": True}), dict(top={"trust_remote_code": False})),
-    ("galore-sharded", dict(optimizer="galore_adamw", machine="h100", world_size=8, sharding="fsdp"),
-     dict(optimizer="galore_adamw", machine="h100", world_size=8)),
-    ("galore-sharded", dict(optimizer="galore_adamw_8bit", machine="h100", world_size=8, sharding="zero2"),
-     dict(optimizer="adamw_torch", machine="h100", world_size=8, sharding="zero2")),
+    (
+        "galore-sharded",
+        dict(optimizer="galore_adamw", machine="h100", world_size=8, sharding="fsdp"),
+        dict(optimizer="galore_adamw", machine="h100", world_size=8),
+    ),
+    (
+        "galore-sharded",
+        dict(optimizer="galore_adamw_8bit", machine="h100", world_size=8, sharding="zero2"),
+        dict(optimizer="adamw_torch", machine="h100", world_size=8, sharding="zero2"),
+    ),
     ("multi-process-mps", dict(machine="mps", world_size=2), dict(machine="mps", world_size=1)),
 ]
 LEVELS = {
-    "dora-with-dropout": "warn", "dora-high-rank": "info", "dora-short-run": "info", "dora-small-batch": "info",
-    "dora-unmerged-inference": "info", "galore-small-base": "warn", "galore-with-adapter": "info",
-    "galore-layerwise-accum": "block", "qlora-needs-bitsandbytes": "block", "qlora-slow-on-cpu": "info",
-    "bf16-unsupported": "block", "bf16-emulated-cpu": "warn", "target-module-missing": "block",
-    "seq-len-clipped": "info", "lora-lr-low": "warn", "memory-over-budget": "block", "few-steps": "warn",
-    "no-heldout": "info", "base-demo-only": "info", "trust-remote-code": "warn",
-    "optimizer-needs-bitsandbytes": "block", "fp16-on-cpu": "warn", "galore-sharded": "block",
+    "dora-with-dropout": "warn",
+    "dora-high-rank": "info",
+    "dora-short-run": "info",
+    "dora-small-batch": "info",
+    "dora-unmerged-inference": "info",
+    "galore-small-base": "warn",
+    "galore-with-adapter": "info",
+    "galore-layerwise-accum": "block",
+    "qlora-needs-bitsandbytes": "block",
+    "qlora-slow-on-cpu": "info",
+    "bf16-unsupported": "block",
+    "bf16-emulated-cpu": "warn",
+    "target-module-missing": "block",
+    "seq-len-clipped": "info",
+    "lora-lr-low": "warn",
+    "memory-over-budget": "block",
+    "few-steps": "warn",
+    "no-heldout": "info",
+    "base-demo-only": "info",
+    "trust-remote-code": "warn",
+    "optimizer-needs-bitsandbytes": "block",
+    "fp16-on-cpu": "warn",
+    "galore-sharded": "block",
     "multi-process-mps": "block",
 }
 
@@ -132,13 +199,21 @@ def _run(kwargs: dict) -> Plan:
     kwargs = dict(kwargs)
     machine = kwargs.pop("machine", "cpu")
     base = kwargs.pop("base", "smollm2-135m")
-    return plan(machine, base, kwargs.pop("stats", None), world_size=kwargs.pop("world_size", 1),
-                purpose=kwargs.pop("purpose", "train"), top=kwargs.pop("top", None),
-                sharding=kwargs.pop("sharding", "none"), **kwargs)
+    return plan(
+        machine,
+        base,
+        kwargs.pop("stats", None),
+        world_size=kwargs.pop("world_size", 1),
+        purpose=kwargs.pop("purpose", "train"),
+        top=kwargs.pop("top", None),
+        sharding=kwargs.pop("sharding", "none"),
+        **kwargs,
+    )
 
 
-@pytest.mark.parametrize(("code", "trigger", "near_miss"), FINDING_CASES,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(FINDING_CASES)])
+@pytest.mark.parametrize(
+    ("code", "trigger", "near_miss"), FINDING_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(FINDING_CASES)]
+)
 def test_finding_fires_and_near_miss_does_not(code: str, trigger: dict, near_miss: dict) -> None:
     hit = _run(trigger)
     found = [f for f in hit.findings if f.code == code]
@@ -155,10 +230,26 @@ def test_finding_fires_and_near_miss_does_not(code: str, trigger: dict, near_mis
 
 def test_every_documented_code_has_a_case() -> None:
     spec_table = {  # SPEC.md section 3, plus the planner's own additions
-        "dora-with-dropout", "dora-high-rank", "dora-short-run", "dora-small-batch", "dora-unmerged-inference",
-        "galore-small-base", "galore-with-adapter", "galore-layerwise-accum", "qlora-needs-bitsandbytes",
-        "qlora-slow-on-cpu", "bf16-unsupported", "bf16-emulated-cpu", "target-module-missing", "seq-len-clipped",
-        "lora-lr-low", "memory-over-budget", "few-steps", "no-heldout", "base-demo-only", "trust-remote-code",
+        "dora-with-dropout",
+        "dora-high-rank",
+        "dora-short-run",
+        "dora-small-batch",
+        "dora-unmerged-inference",
+        "galore-small-base",
+        "galore-with-adapter",
+        "galore-layerwise-accum",
+        "qlora-needs-bitsandbytes",
+        "qlora-slow-on-cpu",
+        "bf16-unsupported",
+        "bf16-emulated-cpu",
+        "target-module-missing",
+        "seq-len-clipped",
+        "lora-lr-low",
+        "memory-over-budget",
+        "few-steps",
+        "no-heldout",
+        "base-demo-only",
+        "trust-remote-code",
     }
     assert spec_table <= {c[0] for c in FINDING_CASES} == set(LEVELS)
     doctor = (Path(__file__).resolve().parent.parent / "docs" / "doctor.md").read_text()
@@ -193,22 +284,29 @@ def test_findings_are_ordered_block_warn_info() -> None:
 
 
 def test_reason_line_matches_the_spec_example() -> None:
-    p = plan("a100-40g", adapter="dora", optimizer="galore_adamw", lora_dropout=0.05, dora_dropout="input",
-             max_steps=600)
-    assert p.reason == ("reason: precision=bf16, attn=sdpa, qlora=off, adapter=dora, optim=galore_adamw, "
-                        "warn=galore-small-base(135M<1B),dora-with-dropout(0.05)")
+    p = plan(
+        "a100-40g", adapter="dora", optimizer="galore_adamw", lora_dropout=0.05, dora_dropout="input", max_steps=600
+    )
+    assert p.reason == (
+        "reason: precision=bf16, attn=sdpa, qlora=off, adapter=dora, optim=galore_adamw, "
+        "warn=galore-small-base(135M<1B),dora-with-dropout(0.05)"
+    )
 
 
 def test_reason_line_on_the_cpu_fixture() -> None:
     p = plan("cpu", adapter="dora", lora_dropout=0.05, dora_dropout="input")
-    assert p.reason == ("reason: precision=fp32, attn=sdpa, qlora=off, adapter=dora, optim=adamw_torch, "
-                        "warn=dora-with-dropout(0.05),few-steps(15<20)")
+    assert p.reason == (
+        "reason: precision=fp32, attn=sdpa, qlora=off, adapter=dora, optim=adamw_torch, "
+        "warn=dora-with-dropout(0.05),few-steps(15<20)"
+    )
 
 
 def test_reason_line_lists_blocks_before_warnings_and_no_infos() -> None:
     p = plan("t4", "llama-3.1-8b", learning_rate=1e-5, max_steps=100)
-    expected = (r"reason: precision=fp16, attn=sdpa, qlora=off, adapter=lora, optim=adamw_torch_fused, "
-                r"block=memory-over-budget\(\d+\.\dGiB>15\.0GiB\), warn=lora-lr-low\(1e-05\)")
+    expected = (
+        r"reason: precision=fp16, attn=sdpa, qlora=off, adapter=lora, optim=adamw_torch_fused, "
+        r"block=memory-over-budget\(\d+\.\dGiB>15\.0GiB\), warn=lora-lr-low\(1e-05\)"
+    )
     assert re.fullmatch(expected, p.reason), p.reason
     clean = plan("a100-40g", "qwen2.5-0.5b", max_steps=100)
     assert clean.reason == "reason: precision=bf16, attn=sdpa, qlora=off, adapter=lora, optim=adamw_torch_fused"
@@ -217,14 +315,17 @@ def test_reason_line_lists_blocks_before_warnings_and_no_infos() -> None:
 # --- decisions ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("machine", "precision", "dtype", "flags"), [
-    ("cpu", "fp32", "float32", (False, False)),
-    ("cpu-bf16", "bf16", "bfloat16", (True, False)),
-    ("t4", "fp16", "float16", (False, True)),
-    ("a100-40g", "bf16", "bfloat16", (True, False)),
-    ("h100", "bf16", "bfloat16", (True, False)),
-    ("mps", "fp32", "float32", (False, False)),
-])
+@pytest.mark.parametrize(
+    ("machine", "precision", "dtype", "flags"),
+    [
+        ("cpu", "fp32", "float32", (False, False)),
+        ("cpu-bf16", "bf16", "bfloat16", (True, False)),
+        ("t4", "fp16", "float16", (False, True)),
+        ("a100-40g", "bf16", "bfloat16", (True, False)),
+        ("h100", "bf16", "bfloat16", (True, False)),
+        ("mps", "fp32", "float32", (False, False)),
+    ],
+)
 def test_auto_precision(machine: str, precision: str, dtype: str, flags: tuple[bool, bool]) -> None:
     p = plan(machine)
     assert p.decision("precision") == precision
@@ -249,8 +350,12 @@ def test_explicit_precision_is_honoured(choice: str) -> None:
 def test_qlora_decision_and_quantization_kwargs() -> None:
     p = plan("a100-40g", "llama-3.1-8b", adapter="qlora")
     assert p.decision("qlora") == "on"
-    assert p.model_kwargs["quantization"] == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                              "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    assert p.model_kwargs["quantization"] == {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+    }
     assert plan("t4", adapter="qlora").model_kwargs["quantization"]["bnb_4bit_compute_dtype"] == "float16"
     off = plan("a100-40g", "llama-3.1-8b")
     assert off.decision("qlora") == "off" and off.model_kwargs["quantization"] is None
@@ -293,8 +398,15 @@ PROCESS_CASES = [
 
 
 @pytest.mark.parametrize("machine, world, sharding, adapter, processes, unused, storage", PROCESS_CASES)
-def test_several_processes(machine: str, world: int, sharding: str, adapter: str, processes: str | None,
-                           unused: bool | None, storage: str | None) -> None:
+def test_several_processes(
+    machine: str,
+    world: int,
+    sharding: str,
+    adapter: str,
+    processes: str | None,
+    unused: bool | None,
+    storage: str | None,
+) -> None:
     p = plan(machine, world_size=world, sharding=sharding, adapter=adapter)
     decided = {d.key: d.value for d in p.decisions}
     assert decided.get("processes") == processes
@@ -380,9 +492,16 @@ def math_steps(rows: int, micro: int, accum: int, world: int, epochs: float) -> 
 
 def test_lora_kwargs() -> None:
     p = plan(adapter="dora", lora_r=16, lora_alpha=32, lora_dropout=0.1, use_rslora=True)
-    assert p.lora_kwargs == {"r": 16, "lora_alpha": 32, "lora_dropout": 0.1,
-                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "use_dora": True,
-                             "use_rslora": True, "bias": "none", "task_type": "CAUSAL_LM"}
+    assert p.lora_kwargs == {
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.1,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "use_dora": True,
+        "use_rslora": True,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
     assert plan(adapter="qlora").lora_kwargs["use_dora"] is False
 
 
@@ -416,7 +535,9 @@ def test_dora_dropout_decision_and_runtime_kwargs() -> None:
 def test_packing_decision_says_why() -> None:
     off = plan(stats=corpus(mean=60, longest=120))
     assert off.decision("packing") is False and off.sft_kwargs["packing"] is False
-    assert "~38% of a step's row slots estimated as padding" in next(d.reason for d in off.decisions if d.key == "packing")
+    assert "~38% of a step's row slots estimated as padding" in next(
+        d.reason for d in off.decisions if d.key == "packing"
+    )
     on = plan(packing=True)
     assert on.decision("packing") is True and on.sft_kwargs["packing"] is True
     assert "never attend to each other" in next(d.reason for d in on.decisions if d.key == "packing")
@@ -434,9 +555,21 @@ def test_branch_dropout_drops_the_second_matmul_from_the_estimate() -> None:
 
 
 def test_sft_kwargs_carry_every_spec_knob() -> None:
-    p = plan(learning_rate=1e-4, lr_scheduler="cosine", warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=0.5,
-             seed=7, eval_steps=3, save_steps=5, logging_steps=2, report_to="tensorboard", packing=True,
-             num_epochs=2, optimizer="adamw_torch_fused")
+    p = plan(
+        learning_rate=1e-4,
+        lr_scheduler="cosine",
+        warmup_ratio=0.1,
+        weight_decay=0.01,
+        max_grad_norm=0.5,
+        seed=7,
+        eval_steps=3,
+        save_steps=5,
+        logging_steps=2,
+        report_to="tensorboard",
+        packing=True,
+        num_epochs=2,
+        optimizer="adamw_torch_fused",
+    )
     kw = p.sft_kwargs
     assert kw["learning_rate"] == 1e-4 and kw["lr_scheduler_type"] == "cosine"
     assert kw["warmup_steps"] == 0.1 and "warmup_ratio" not in kw
@@ -486,14 +619,17 @@ def _calibration(**training: Any) -> float:
     return plan("cpu", stats=rows, micro_batch_size=4, grad_accum=1, **training).estimates.step_seconds
 
 
-@pytest.mark.parametrize(("training", "measured"), [
-    (dict(lora_dropout=0.05, gradient_checkpointing=False), 3.1),
-    (dict(lora_dropout=0.05, gradient_checkpointing=True), 3.6),
-    (dict(adapter="dora", lora_dropout=0.05, dora_dropout="input", gradient_checkpointing=True), 5.15),
-    (dict(adapter="dora", lora_dropout=0.0, gradient_checkpointing=True), 3.7),
-    (dict(adapter="dora", lora_dropout=0.0, gradient_checkpointing=False), 2.8),
-    (dict(adapter="qlora", lora_dropout=0.05, gradient_checkpointing=True), 6.2),
-])
+@pytest.mark.parametrize(
+    ("training", "measured"),
+    [
+        (dict(lora_dropout=0.05, gradient_checkpointing=False), 3.1),
+        (dict(lora_dropout=0.05, gradient_checkpointing=True), 3.6),
+        (dict(adapter="dora", lora_dropout=0.05, dora_dropout="input", gradient_checkpointing=True), 5.15),
+        (dict(adapter="dora", lora_dropout=0.0, gradient_checkpointing=True), 3.7),
+        (dict(adapter="dora", lora_dropout=0.0, gradient_checkpointing=False), 2.8),
+        (dict(adapter="qlora", lora_dropout=0.05, gradient_checkpointing=True), 6.2),
+    ],
+)
 def test_cpu_step_time_is_within_25_percent_of_stack_measurements(training: dict, measured: float) -> None:
     assert _calibration(**training) == pytest.approx(measured, rel=0.25)
 
@@ -539,8 +675,12 @@ def test_memory_budgets() -> None:
 
 @pytest.mark.parametrize("machine", MACHINES)
 def test_deterministic_and_json_serialisable(machine: str) -> None:
-    for training in ({}, {"adapter": "dora", "lora_dropout": 0.05}, {"adapter": "qlora"},
-                     {"optimizer": "galore_adamw_8bit", "target_modules": "all-linear"}):
+    for training in (
+        {},
+        {"adapter": "dora", "lora_dropout": 0.05},
+        {"adapter": "qlora"},
+        {"optimizer": "galore_adamw_8bit", "target_modules": "all-linear"},
+    ):
         a, b = plan(machine, **training), plan(machine, **training)
         assert a == b
         text = json.dumps(a.to_json(), sort_keys=True)
@@ -549,10 +689,10 @@ def test_deterministic_and_json_serialisable(machine: str) -> None:
 
 
 def test_plan_module_reads_nothing_from_the_environment() -> None:
-    import dlm.findings
-    import dlm.plan
+    import dlm.plan.findings
+    import dlm.plan.planner
 
-    for module in (dlm.plan, dlm.findings):
+    for module in (dlm.plan.planner, dlm.plan.findings):
         src = inspect.getsource(module)
         for banned in ("os.environ", "open(", "import time", "import torch", "print(", "import logging"):
             assert banned not in src, (module.__name__, banned)
@@ -561,17 +701,29 @@ def test_plan_module_reads_nothing_from_the_environment() -> None:
 # --- binding to the real libraries (integration) -------------------------------------------------
 
 BINDING_SPECS = [
-    {}, {"adapter": "dora", "lora_dropout": 0.05}, {"adapter": "qlora"},
-    {"optimizer": "galore_adamw", "galore_rank": 4}, {"optimizer": "galore_adamw_layerwise"},
-    {"adapter": "dora", "target_modules": "all-linear", "use_rslora": True, "gradient_checkpointing": True,
-     "packing": True, "lr_scheduler": "cosine", "warmup_ratio": 0.1, "report_to": "tensorboard"},
+    {},
+    {"adapter": "dora", "lora_dropout": 0.05},
+    {"adapter": "qlora"},
+    {"optimizer": "galore_adamw", "galore_rank": 4},
+    {"optimizer": "galore_adamw_layerwise"},
+    {
+        "adapter": "dora",
+        "target_modules": "all-linear",
+        "use_rslora": True,
+        "gradient_checkpointing": True,
+        "packing": True,
+        "lr_scheduler": "cosine",
+        "warmup_ratio": 0.1,
+        "report_to": "tensorboard",
+    },
     {"optimizer": "adamw_8bit", "max_steps": 5},
 ]
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("training", BINDING_SPECS,
-                         ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()) or "defaults")
+@pytest.mark.parametrize(
+    "training", BINDING_SPECS, ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()) or "defaults"
+)
 def test_planned_kwargs_bind_to_the_real_signatures(training: dict, tmp_path: Path) -> None:
     import peft
     import torch
@@ -608,7 +760,7 @@ def test_multi_process_kwargs_bind_to_the_real_signatures(sharding: str, tmp_pat
     dtype) goes through SFTConfig and, via train.py's translator, BitsAndBytesConfig."""
     import trl
 
-    from dlm.train import from_pretrained_kwargs
+    from dlm.train.run import from_pretrained_kwargs
 
     p = plan("h100", stats=corpus(n_heldout=2), world_size=4, sharding=sharding, adapter="qlora")
     assert set(p.sft_kwargs) <= set(inspect.signature(trl.SFTConfig).parameters)
@@ -626,8 +778,15 @@ def test_galore_regex_matches_exactly_the_lora_layers_of_a_real_peft_model() -> 
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.trainer_utils import check_target_module_exists
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+    )
     for adapter in ("lora", "dora"):
         p = plan(adapter=adapter, optimizer="galore_adamw", target_modules="all-linear")
         model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(**p.lora_kwargs))

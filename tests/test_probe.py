@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 from tests.tinymodel import tiny_base
@@ -53,11 +52,11 @@ def doc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_probe_replaces_estimates_with_measurements(doc: Path, tmp_path: Path) -> None:
-    from dlm import hardware
-    from dlm.doctor import diagnose
-    from dlm.probe import probe_file
+    from dlm.plan.doctor import diagnose
+    from dlm.train import device
+    from dlm.train.probe import probe_file
 
-    hw = hardware.probe()
+    hw = device.probe()
     planned = diagnose(doc, hw).plan.estimates
     d = probe_file(doc, hw, tmp_path / "home", 4)
     est, p = d.plan.estimates, d.probe
@@ -76,8 +75,13 @@ def test_probe_replaces_estimates_with_measurements(doc: Path, tmp_path: Path) -
 
 def test_cli_probe_json_and_refusals(doc: Path, tmp_path: Path) -> None:
     def dlm(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dlm", "--home", str(tmp_path), *args], capture_output=True,
-                              text=True, cwd=REPO, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "dlm", "--home", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
 
     res = dlm("doctor", str(doc), "--probe", "3", "--json")
     assert res.returncode == 0, res.stderr[-2000:]

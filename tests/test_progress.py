@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from dlm.progress import EtaEstimator
+from dlm.train.progress import EtaEstimator
 
 
-def drive(eta: EtaEstimator, durations: list[float], t0: float = 1000.0, first_step: int = 0,
-          pauses: dict[int, float] | None = None) -> float:
+def drive(
+    eta: EtaEstimator,
+    durations: list[float],
+    t0: float = 1000.0,
+    first_step: int = 0,
+    pauses: dict[int, float] | None = None,
+) -> float:
     """Run fake steps of the given durations; `pauses[k]` seconds of evaluation after step k. Returns now."""
     now = t0
     eta.start(now, step=first_step)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dlm.hardware import launch_env
+from dlm.plan.hardware import launch_env
 from tests.test_commands import DLM, write_doc
 
 BIN = Path(sys.executable).parent
@@ -28,15 +28,18 @@ ID = "01JC8Z3T6V7W8X9Y0Z1A2B3C4D"
 # ---------------------------------------------------------------- unit: the launcher's environment
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, (1, "none")),
-    ({"WORLD_SIZE": "4"}, (4, "none")),
-    ({"WORLD_SIZE": "nonsense"}, (1, "none")),
-    ({"WORLD_SIZE": "8", "ACCELERATE_USE_FSDP": "true"}, (8, "fsdp")),
-    ({"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, (8, "zero3")),
-    ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, (2, "zero2")),
-    ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, (2, "zero0")),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, (1, "none")),
+        ({"WORLD_SIZE": "4"}, (4, "none")),
+        ({"WORLD_SIZE": "nonsense"}, (1, "none")),
+        ({"WORLD_SIZE": "8", "ACCELERATE_USE_FSDP": "true"}, (8, "fsdp")),
+        ({"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, (8, "zero3")),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, (2, "zero2")),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, (2, "zero0")),
+    ],
+)
 def test_launch_env(env: dict, expected: tuple) -> None:
     assert launch_env(env) == expected
 
@@ -45,9 +48,22 @@ def _doctor(tmp_path: Path, training: str, **env: str) -> subprocess.CompletedPr
     doc = tmp_path / "d.dlm"
     doc.write_text(f"---\ndlm_id: {ID}\nbase_model: smollm2-135m\ntraining:\n{training}---\nSome prose.\n")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("WORLD_SIZE", "ACCELERATE_"))}
-    return subprocess.run([sys.executable, "-m", "dlm", "doctor", "--json", "--hardware",
-                           str(Path(__file__).parent / "fixtures" / "hardware" / "h100.json"), str(doc)],
-                          capture_output=True, text=True, timeout=120, env={**clean, **env})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dlm",
+            "doctor",
+            "--json",
+            "--hardware",
+            str(Path(__file__).parent / "fixtures" / "hardware" / "h100.json"),
+            str(doc),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **env},
+    )
 
 
 def test_doctor_plans_the_launch_it_is_told_about(tmp_path: Path) -> None:
@@ -104,8 +120,14 @@ def _check_one_adapter(doc: Path, home: Path, ranks: Path, out: str, steps: int)
 def test_torchrun_two_processes_train_one_adapter(workdir: Path, tmp_path: Path) -> None:
     doc = write_doc(workdir, "ddp.dlm", steps=4)
     home, ranks = tmp_path / "home", tmp_path / "ranks"
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", DLM, "train", doc.name],
-                          cwd=workdir, env=_env(home, ranks), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", DLM, "train", doc.name],
+        cwd=workdir,
+        env=_env(home, ranks),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr
     _check_one_adapter(doc, home, ranks, proc.stdout, 4)
@@ -117,9 +139,24 @@ def test_accelerate_launch_two_processes_train_one_adapter(workdir: Path, tmp_pa
     on the CPU with gloo (`--cpu` would start a single process instead)."""
     doc = write_doc(workdir, "accel.dlm", steps=4)
     home, ranks = tmp_path / "home", tmp_path / "ranks"
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           DLM, "train", doc.name]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        DLM,
+        "train",
+        doc.name,
+    ]
     proc = subprocess.run(cmd, cwd=workdir, env=_env(home, ranks), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr
@@ -134,8 +171,15 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpoint(workdir: Path,
     doc = write_doc(workdir, "ddp-int.dlm", steps=20, extra="  save_steps: 1\n  precision: fp32\n")
     home, ranks = tmp_path / "home", tmp_path / "ranks"
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", DLM, "train", doc.name]
-    proc = subprocess.Popen(cmd, cwd=workdir, env=_env(home, ranks), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        env=_env(home, ranks),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     for line in proc.stdout:
         if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 3:
             os.killpg(proc.pid, signal.SIGINT)
@@ -146,11 +190,15 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpoint(workdir: Path,
     root = home / "store" / dlm_id
     manifest = json.loads((root / "manifest.json").read_text())
     assert [r["status"] for r in manifest["runs"]] == ["interrupted"] and manifest["current"] is None
-    stopped = json.loads(max((root / "runs" / "r0001" / "checkpoints").glob("checkpoint-*"),
-                             key=lambda p: int(p.name[11:])).joinpath("trainer_state.json").read_text())["global_step"]
+    stopped = json.loads(
+        max((root / "runs" / "r0001" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+        .joinpath("trainer_state.json")
+        .read_text()
+    )["global_step"]
     assert stopped < 20
-    done = subprocess.run([*cmd, "--resume"], cwd=workdir, env=_env(home, ranks), capture_output=True, text=True,
-                          timeout=400)
+    done = subprocess.run(
+        [*cmd, "--resume"], cwd=workdir, env=_env(home, ranks), capture_output=True, text=True, timeout=400
+    )
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     manifest = json.loads((root / "manifest.json").read_text())
     assert [r["status"] for r in manifest["runs"]] == ["interrupted", "ok"] and manifest["current"] == "v0001"

@@ -21,14 +21,27 @@ def test_a_short_tutor_run_ends_below_the_base_on_held_out_loss(tmp_path: Path) 
     smollm2_base()  # converted once per machine into the test cache; share it instead of converting again
     (tmp_path / "bases").symlink_to(Path(os.environ.get("DLM_TEST_CACHE") or CONFIGS.parent / ".dlm-home") / "bases")
     env = {**os.environ, "DLM_HOME": str(tmp_path)}
-    proc = subprocess.run([DLM, "train", str(CONFIGS / "tutor.dlm"), "--max-steps", "12"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [DLM, "train", str(CONFIGS / "tutor.dlm"), "--max-steps", "12"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads(subprocess.run([DLM, "show", str(CONFIGS / "tutor.dlm"), "--json"], env=env,
-                                     capture_output=True, text=True, check=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            [DLM, "show", str(CONFIGS / "tutor.dlm"), "--json"], env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )
     metrics = info["runs"][-1]["metrics"]
     assert metrics["steps"] == 12
     assert metrics["eval_loss"] < metrics["base_eval_loss"], metrics
-    answer = subprocess.run([DLM, "prompt", str(CONFIGS / "tutor.dlm"), "What is a decorator?", "--max-tokens", "24"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    answer = subprocess.run(
+        [DLM, "prompt", str(CONFIGS / "tutor.dlm"), "What is a decorator?", "--max-tokens", "24"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr

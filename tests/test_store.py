@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from dlm.errors import DlmError, RunError
-from dlm.store import check_safetensors, open_store, store_root, verify
+from dlm.store.store import check_safetensors, open_store, store_root, verify
 
 ID, OTHER_ID = "01JC8Z3T6V7W8X9Y0Z1A2B3C4D", "01JC8Z3T6V7W8X9Y0Z1A2B3C4E"
 VERSIONS = {"torch": "2.4", "transformers": "5.0", "peft": "0.17", "trl": "1.0", "dlm": "0.1.0"}
@@ -85,8 +85,15 @@ def test_version_folder_holds_documents_log_and_checksums(store, tmp_path):
         v = store.commit_version(run, staged(tmp_path / "s"), {"eval_loss": float("nan")}, documents=docs)
         store.end_run(run, "ok")
     folder = store.root / "versions" / v
-    names = {"adapter_model.safetensors", "adapter_config.json", "spec.json", "plan.json", "hardware.json",
-             "summary.json", "log.jsonl"}
+    names = {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "spec.json",
+        "plan.json",
+        "hardware.json",
+        "summary.json",
+        "log.jsonl",
+    }
     record = json.loads((folder / "files.json").read_text())
     assert set(record["files"]) == names and record["run"] == run
     assert json.loads((folder / "spec.json").read_text()) == {"lora_r": 4}
@@ -126,7 +133,7 @@ def test_manifest_survives_a_crash_mid_write(store, tmp_path):
     code = textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
-        from dlm.store import open_store
+        from dlm.store.store import open_store
         s = open_store(Path({str(store.root.parent.parent)!r}), {ID!r}, Path({str(store.source)!r}), "b")
         with s.lock():
             os.replace = lambda *a: os._exit(9)
@@ -218,11 +225,13 @@ def test_malformed_headers_are_refused(tmp_path):
     with pytest.raises(RunError, match="not valid JSON"):
         check_safetensors(file(b"{nope"))
     with pytest.raises(RunError, match="does not match"):
-        check_safetensors(file(json.dumps({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode(),
-                               b"\0" * 8))
+        check_safetensors(
+            file(json.dumps({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode(), b"\0" * 8)
+        )
     with pytest.raises(RunError, match="promises"):
-        check_safetensors(file(json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode(),
-                               b"\0" * 12))  # trailing bytes are as suspect as missing ones
+        check_safetensors(
+            file(json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode(), b"\0" * 12)
+        )  # trailing bytes are as suspect as missing ones
 
 
 def _short(tmp_path: Path) -> Path:
@@ -394,7 +403,7 @@ def test_failed_pointer_write_leaves_no_version_behind(store, tmp_path, monkeypa
     the adapter goes back to its staging folder, and the current version is untouched."""
     import errno
 
-    from dlm import store as store_module
+    from dlm.store import store as store_module
 
     train_once(store, tmp_path, "a")
 
@@ -424,7 +433,7 @@ def test_failed_pointer_write_leaves_no_version_behind(store, tmp_path, monkeypa
 HOLDER = """
 import sys
 from pathlib import Path
-from dlm.store import open_store
+from dlm.store.store import open_store
 s = open_store(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), "b")
 with s.lock():
     print("locked", flush=True)
@@ -434,8 +443,13 @@ with s.lock():
 
 def test_lock_held_by_another_process_is_refused_with_its_pid(store, home, tmp_path):
     other = open_store(home, OTHER_ID, write_doc(tmp_path / "other.dlm", OTHER_ID), "b")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(home), ID, str(store.source)], cwd=REPO,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(home), ID, str(store.source)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunError) as err:

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from dlm.corpus import Example
-from dlm.plan import Plan
-
+from dlm.plan.corpus import Example
+from dlm.plan.planner import Plan
 from tests.tinymodel import tiny_base
 
 pytestmark = pytest.mark.integration
@@ -41,23 +40,47 @@ PROSE = [
 
 
 def _examples() -> tuple[list[Example], list[Example]]:
-    train = [Example(f"q{i}", "instruction", "t.dlm", i, prompt=q, completion=a, system=SYSTEM) for i, (q, a) in enumerate(QA)]
+    train = [
+        Example(f"q{i}", "instruction", "t.dlm", i, prompt=q, completion=a, system=SYSTEM)
+        for i, (q, a) in enumerate(QA)
+    ]
     train += [Example(f"p{i}", "prose", "t.dlm", 100 + i, text=t) for i, t in enumerate(PROSE)]
-    held = [Example("h0", "instruction", "t.dlm", 200, prompt="What is a module?", completion="A file of Python code.",
-                    system=SYSTEM)]
+    held = [
+        Example(
+            "h0",
+            "instruction",
+            "t.dlm",
+            200,
+            prompt="What is a module?",
+            completion="A file of Python code.",
+            system=SYSTEM,
+        )
+    ]
     return train, held
 
 
 def make_test_plan(folder: Path, train: list[Example], held: list[Example], **training) -> Plan:
     """`dlm.plan.make_plan` on a spec with these training keys, so the planner's real kwargs reach
     LoraConfig / SFTConfig here. CPU-friendly knobs: fp32, no checkpointing, logging each step."""
-    from dlm import bases, corpus, hardware, plan, schema
+    from dlm.doc import schema
+    from dlm.plan import bases, corpus, hardware
+    from dlm.plan import planner as plan
 
-    knobs = {"precision": "fp32", "gradient_checkpointing": False, "logging_steps": 1, "max_steps": 3,
-             "micro_batch_size": 2, "grad_accum": 1, "sequence_len": 128, "learning_rate": 2e-3, **training}
+    knobs = {
+        "precision": "fp32",
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "max_steps": 3,
+        "micro_batch_size": 2,
+        "grad_accum": 1,
+        "sequence_len": 128,
+        "learning_rate": 2e-3,
+        **training,
+    }
     spec = schema.Spec(dlm_id="01KAV3J8ZP4N6Q2R7S9T0W1X2Y", base_model=str(folder), training=knobs)
-    return plan.make_plan(spec, hardware.probe_light(), bases.resolve(str(folder)),
-                          corpus.stats(tuple(train), tuple(held)))
+    return plan.make_plan(
+        spec, hardware.probe_light(), bases.resolve(str(folder)), corpus.stats(tuple(train), tuple(held))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +119,29 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("adapter", ["lora", "dora"])
-def test_adapter_trains_saves_reloads_and_merges(base: Path, tmp_path: Path, adapter: str,
-                                                 capfd: pytest.CaptureFixture) -> None:
+def test_adapter_trains_saves_reloads_and_merges(
+    base: Path, tmp_path: Path, adapter: str, capfd: pytest.CaptureFixture
+) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dlm import infer, train
+    from dlm.train import run as train
+    from dlm.use import export, infer
 
     tr, held = _examples()
     plan = make_test_plan(base, tr, held, adapter=adapter, max_steps=3)
     snap, steps, events = Snapshot(), [], []
-    summary = train.run(plan, tr, held, base, tmp_path, callbacks=[snap],
-                        on_step=lambda *a: steps.append(a), on_event=lambda k, d: events.append(k))
+    summary = train.run(
+        plan,
+        tr,
+        held,
+        base,
+        tmp_path,
+        callbacks=[snap],
+        on_step=lambda *a: steps.append(a),
+        on_event=lambda k, d: events.append(k),
+    )
     assert capfd.readouterr().out == ""  # nothing printed: render.py owns the console
 
     assert summary.status == "ok", summary.message
@@ -149,7 +182,7 @@ def test_adapter_trains_saves_reloads_and_merges(base: Path, tmp_path: Path, ada
     assert (_logits(merged, ids) - before_merge).abs().max().item() < 1e-4
 
     # export: a standard HF folder that reloads with the merged logits and a distinct pad token
-    out = infer.export_merged(adapter_dir, base, tmp_path / "export")
+    out = export.export_merged(adapter_dir, base, tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert (_logits(exported, ids) - before_merge).abs().max().item() < 1e-4
     tok = AutoTokenizer.from_pretrained(str(out))
@@ -167,14 +200,15 @@ def test_dora_dropout_mode_reaches_the_trained_model(base: Path, tmp_path: Path,
     from peft.tuners.lora.layer import Linear
     from transformers import AutoModelForCausalLM
 
-    from dlm import train
-    from dlm.dora_fast import _factored_forward
+    from dlm.train import run as train
+    from dlm.train.dora_fast import _factored_forward
 
     tr, held = _examples()
     plan = make_test_plan(base, tr, held, adapter="dora", lora_dropout=0.1, dora_dropout=mode, max_steps=4)
     snap, events = Snapshot(), {}
-    summary = train.run(plan, tr, held, base, tmp_path, callbacks=[snap], eval_base=False,
-                        on_event=lambda k, d: events.setdefault(k, d))
+    summary = train.run(
+        plan, tr, held, base, tmp_path, callbacks=[snap], eval_base=False, on_event=lambda k, d: events.setdefault(k, d)
+    )
     assert summary.status == "ok", summary.message
     layers = [m for m in snap.model.modules() if isinstance(m, Linear)]
     patched = [m for m in layers if m.lora_variant["default"].__dict__.get("forward") is _factored_forward]
@@ -204,7 +238,24 @@ def test_packed_rows_never_attend_to_each_other(base: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation="sdpa").eval()
     seqs = [[1, 520, 2103, 314, 253], [1, 1789, 47, 2], [1, 198, 520, 2103, 314, 253, 47]]
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": q} for q in seqs])
-    assert "attention_mask" not in batch and batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6]
+    assert "attention_mask" not in batch and batch["position_ids"][0].tolist() == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        0,
+        1,
+        2,
+        3,
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
     with torch.no_grad():
         inputs = {k: v for k, v in batch.items() if k != "labels"}  # as TRL feeds the model
         packed = model(**inputs, use_cache=False).logits[0]
@@ -215,7 +266,7 @@ def test_packed_rows_never_attend_to_each_other(base: Path) -> None:
 
 
 def test_pad_token_differs_from_eos_without_resizing(base: Path) -> None:
-    from dlm import train
+    from dlm.train import run as train
 
     tr, held = _examples()
     model, tok = train.load_base(base, make_test_plan(base, tr, held), trust_remote_code=False)
@@ -231,21 +282,26 @@ def test_completion_mask_matches_trl_preparation_and_collator(base: Path, tmp_pa
     from peft import LoraConfig
     from trl import SFTTrainer
 
-    from dlm import train
+    from dlm.train import rows as rows_mod
+    from dlm.train import run as train
 
     tr, held = _examples()
     plan = make_test_plan(base, tr, held)
     model, tok = train.load_base(base, plan)
-    rows = train.rows([tr[0], tr[-1]], tok)  # one instruction, one prose
+    rows = rows_mod.rows([tr[0], tr[-1]], tok)  # one instruction, one prose
     q, a = QA[0]
     assert rows[0]["prompt"].startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n")
     assert rows[0]["prompt"].endswith("<|im_start|>assistant\n")
     assert rows[0]["completion"] == f"{a}<|im_end|>"
     assert rows[1] == {"prompt": "", "completion": PROSE[-1]}
 
-    trainer = SFTTrainer(model=model, args=train.sft_config(plan, tmp_path, has_eval=False),
-                         train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         peft_config=LoraConfig(**plan.lora_kwargs))
+    trainer = SFTTrainer(
+        model=model,
+        args=train.sft_config(plan, tmp_path, has_eval=False),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=LoraConfig(**plan.lora_kwargs),
+    )
     prepared = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     by_len = sorted(prepared, key=lambda r: r["input_ids"][:3])
     qa_row = next(r for r in by_len if r["input_ids"][0] == tok.convert_tokens_to_ids("<|im_start|>"))
@@ -271,15 +327,17 @@ def test_completion_mask_matches_trl_preparation_and_collator(base: Path, tmp_pa
     assert int((batch["labels"][1 - short] == -100).sum()) == (n if short == 1 else 0)
 
     # encode_rows (used by eval_loss) reproduces TRL's preparation exactly
-    ours = train.encode_rows(rows, tok, max_length=plan.sft_kwargs.get("max_length"))
+    ours = rows_mod.encode_rows(rows, tok, max_length=plan.sft_kwargs.get("max_length"))
     key = lambda r: tuple(r["input_ids"])  # noqa: E731
-    assert sorted(({"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared), key=key) == sorted(ours, key=key)
+    assert sorted(({"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared), key=key) == sorted(
+        ours, key=key
+    )
 
 
 def test_qlora_nf4_trains_on_cpu(base: Path, tmp_path: Path) -> None:
     import torch
 
-    from dlm import train
+    from dlm.train import run as train
 
     tr, held = _examples()
     plan = make_test_plan(base, tr, held, adapter="qlora", max_steps=2)
@@ -298,7 +356,7 @@ def test_galore_with_adapter_runs_without_matched_but_ignored(base: Path, tmp_pa
     pytest.importorskip("galore_torch")
     import torch
 
-    from dlm import train
+    from dlm.train import run as train
 
     records: list[str] = []
 
@@ -311,8 +369,9 @@ def test_galore_with_adapter_runs_without_matched_but_ignored(base: Path, tmp_pa
     lg.addHandler(handler)
     try:
         tr, held = _examples()
-        plan = make_test_plan(base, tr, held, optimizer="galore_adamw", galore_rank=4, galore_update_proj_gap=2,
-                              max_steps=3)
+        plan = make_test_plan(
+            base, tr, held, optimizer="galore_adamw", galore_rank=4, galore_update_proj_gap=2, max_steps=3
+        )
         assert plan.sft_kwargs["optim"] == "galore_adamw"
         snap = Snapshot()
         summary = train.run(plan, tr, [], base, tmp_path, callbacks=[snap])
@@ -327,7 +386,7 @@ def test_sigint_then_resume_equals_uninterrupted(base: Path, tmp_path: Path) -> 
     """Dropout > 0 and two epochs of shuffled batches, so RNG and data order must both be restored."""
     from safetensors.torch import load_file
 
-    from dlm import train
+    from dlm.train import run as train
 
     tr, held = _examples()  # 8 rows, batch 2: 4 steps an epoch; 6 steps cross an epoch boundary
     plan = make_test_plan(base, tr, held, max_steps=6, lora_dropout=0.1, save_steps=2)
@@ -342,7 +401,9 @@ def test_sigint_then_resume_equals_uninterrupted(base: Path, tmp_path: Path) -> 
             os.kill(os.getpid(), signal.SIGINT)
 
     events: list[tuple[str, dict]] = []
-    cut = train.run(plan, tr, [], base, tmp_path / "cut", on_step=interrupt, on_event=lambda k, d: events.append((k, d)))
+    cut = train.run(
+        plan, tr, [], base, tmp_path / "cut", on_step=interrupt, on_event=lambda k, d: events.append((k, d))
+    )
     assert cut.status == "interrupted" and cut.adapter_dir is None
     assert cut.steps in (3, 4) and cut.checkpoint.endswith(f"checkpoint-{cut.steps}")
     assert (Path(cut.checkpoint) / "rng_state.pth").is_file() and (Path(cut.checkpoint) / "optimizer.pt").is_file()
@@ -378,7 +439,7 @@ def test_sigint_then_resume_equals_uninterrupted(base: Path, tmp_path: Path) -> 
 def test_non_finite_loss_fails_and_saves_no_adapter(base: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from dlm import train
+    from dlm.train import run as train
 
     tr, held = _examples()
     plan = make_test_plan(base, tr, held, max_steps=4)

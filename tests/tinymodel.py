@@ -27,17 +27,19 @@ test_cache.__test__ = False  # a helper, not a pytest test
 
 def smollm2_base() -> Path:
     """The embedded SmolLM2-135M-Instruct as a safetensors folder (converted once per machine)."""
-    from dlm import bases
+    from dlm.plan import bases
+    from dlm.train import basefolder
 
-    return bases.materialize(bases.resolve(bases.DEFAULT_BASE), test_cache())
+    return basefolder.materialize(bases.resolve(bases.DEFAULT_BASE), test_cache())
 
 
 def tiny_config(**overrides):
     """The tiny Llama shape every integration test uses (hidden 64, 2 layers, 4 heads, 2 KV heads)."""
     from transformers import LlamaConfig
 
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
+    shape = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
     return LlamaConfig(**{**shape, **overrides})
 
 

@@ -1,0 +1,391 @@
+"""The `dlm` command line: option declarations, one call each, then render.
+
+Every `DlmError` is caught once, in `main`: `path:line:col: message` and `hint:` on stderr, exit 2
+for bad input and 1 for a failed or blocked run. Anything else is a bug and keeps its traceback.
+Heavy libraries are imported only inside the commands that train, so `dlm --help`, `dlm schema`
+and `dlm doctor FILE` stay instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from dlm import __version__
+from dlm.cli import render
+from dlm.errors import DlmError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn one authored document into a fine-tuned adapter, with every knob explained.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False)
+
+
+class State:
+    home: Path = Path(os.environ.get("DLM_HOME") or Path.home() / ".dlm")
+    verbosity: int = 0
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"dlm {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _global(
+    home: Annotated[
+        Path | None, typer.Option("--home", help="Store and bases folder (default $DLM_HOME or ~/.dlm).")
+    ] = None,
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More detail.")] = 0,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors and results.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    if home is not None:
+        State.home = home.expanduser().resolve()
+    State.verbosity = -1 if quiet else verbose
+
+
+def _hardware(fixture: Path | None):
+    from dlm.plan import hardware
+
+    if fixture is None:
+        return hardware.probe_light()
+    try:
+        return hardware.load_fixture(fixture)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise DlmError(
+            f"cannot read hardware file: {exc}",
+            "pass a file written by `dlm doctor --json` (its hardware object)",
+            str(fixture),
+        ) from None
+
+
+def _probed(files: list[Path] | None, steps: int, hardware_file: Path | None):
+    """`doctor --probe N`: this machine, probed as `dlm train` probes it; each file measured in turn."""
+    from dlm.train import device
+    from dlm.train.probe import probe_file
+
+    if not files or hardware_file is not None:
+        raise DlmError("--probe trains a few steps of a document on this machine", "pass a file, and no --hardware")
+    hw = device.probe()
+    if State.verbosity >= 0:
+        err.print(f"probing: {steps} training steps per file (nothing is saved)...", highlight=False)
+    return hw, [probe_file(f, hw, State.home, steps) for f in files]
+
+
+@app.command()
+def doctor(
+    files: Annotated[
+        list[Path] | None, typer.Argument(help="Documents (.dlm) or specs (.yaml) to plan.", show_default=False)
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Stable JSON (docs/cli.md) instead of tables.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on any warning, not only on a block.")] = False,
+    hardware_file: Annotated[
+        Path | None, typer.Option("--hardware", help="Plan for another machine: a HardwareFacts JSON file.")
+    ] = None,
+    probe: Annotated[
+        int | None,
+        typer.Option(
+            "--probe",
+            min=3,
+            help="Train N real steps (nothing is saved) and show measured step time, total and peak memory instead of estimates.",
+        ),
+    ] = None,
+) -> None:
+    """Report the environment, or audit each document's plan before any weights load."""
+    from dlm.plan.doctor import diagnose, environment_report
+
+    if probe is not None:
+        hw, results = _probed(files, probe, hardware_file)
+    else:
+        hw = _hardware(hardware_file)
+    if not files:
+        report = environment_report(hw, State.home)
+        render.as_json(out, report) if json_out else render.environment(out, report)
+        return
+    if probe is None:
+        results = [diagnose(f, hw) for f in files]
+    if json_out:
+        render.as_json(out, {"dlm": __version__, "hardware": hw.to_json(), "files": [r.to_json() for r in results]})
+    else:
+        for r in results:
+            render.plan(out, r.path, r.plan, r.base, hw, r.corpus)
+            if r.probe is not None:
+                render.probe(out, r.probe)
+    blocked = any(r.plan.blocked for r in results)
+    warned = any(f.level == "warn" for r in results for f in r.plan.findings)
+    raise typer.Exit(1 if blocked or (strict and warned) else 0)
+
+
+@app.command()
+def init(
+    file: Annotated[Path, typer.Argument(help="The new document to write.")],
+    base: Annotated[str, typer.Option("--base", help="base_model: alias, hub id, folder or .gguf.")] = "smollm2-135m",
+    adapter: Annotated[str, typer.Option("--adapter", help="lora | qlora | dora")] = "lora",
+) -> None:
+    """Write a commented scaffold with a fresh dlm_id. Never overwrites."""
+    from dlm.doc.authoring import scaffold
+    from dlm.doc.schema import new_id
+    from dlm.fsutil import write_new
+
+    if adapter not in ("lora", "qlora", "dora"):
+        raise DlmError(f"--adapter must be lora, qlora or dora (got {adapter!r})", "for example: --adapter dora")
+    write_new(file, scaffold(new_id(), base, adapter, file.stem.replace("-", " ").title()))
+    out.print(f"wrote {file}; next: dlm doctor {file}")
+
+
+@app.command()
+def twin(
+    file: Annotated[Path, typer.Argument(help="The document to copy.")],
+    sets: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE override, e.g. training.adapter=dora (repeatable).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Where to write the copy (default: NAME-VALUE.dlm).")
+    ] = None,
+) -> None:
+    """Copy a document with a fresh dlm_id and the given overrides, validated before it is written."""
+    from dlm.doc.authoring import make_twin
+
+    target = make_twin(file, sets or [], output)
+    out.print(f"wrote {target} (its own dlm_id); compare them with: dlm compare {file} {target}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the frontmatter (for editor completion)."""
+    from dlm.doc.schema import json_schema
+
+    render.as_json(out, json_schema())
+
+
+_NOTES = {  # training events worth a line above the progress bar
+    "load": lambda d: f"loading base {d['base']}",
+    "interrupt": lambda d: f"{d['signal']}: saving a checkpoint at the end of this step",
+    "checkpoint": lambda d: f"checkpoint {d['path']}",
+    "eval": lambda d: (
+        "held-out loss "
+        + (f"{d['eval_loss']:.4f}" if d.get("eval_loss") is not None else "-")
+        + (f" (base {d['base_eval_loss']:.4f})" if d.get("base_eval_loss") is not None else "")
+    ),
+}
+
+
+def _progress(view: render.TrainView, total: int):
+    """on_step / on_event handlers feeding the steady-state ETA (progress.py) and drawing it."""
+    import time
+
+    from dlm.train.progress import EtaEstimator
+
+    eta = EtaEstimator(total)
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "train_begin":
+            eta.total_steps = data["max_steps"] or total
+            eta.start(time.perf_counter(), data["step"])
+        elif kind == "pause":
+            eta.exclude(data["seconds"])
+        elif kind in _NOTES and State.verbosity >= (1 if kind == "checkpoint" else 0):
+            view.note(_NOTES[kind](data))
+
+    def on_step(step: int, max_steps: int, loss: float | None, tokens: int, elapsed: float) -> None:
+        now = time.perf_counter()
+        eta.step(step, now, tokens)
+        view.update(step, max_steps, loss, eta.tokens_per_second(), eta.eta(now))
+
+    return on_step, on_event
+
+
+@app.command()
+def train(
+    file: Annotated[Path, typer.Argument(help="The document (.dlm) or spec (.yaml) to train.")],
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted run from its last checkpoint.")
+    ] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over, leaving an interrupted run behind.")] = False,
+) -> None:
+    """Plan, print the plan, train with TRL, and save a new version of the adapter."""
+    from dlm.train import device, runs
+
+    hw = device.probe()
+    quiet = State.verbosity < 0 or runs.rank() != 0
+    box: dict = {}
+
+    def on_plan(p) -> None:
+        if not quiet:
+            render.plan(out, p.doc.path, p.plan, p.base, hw, p.corpus)
+        box["view"] = render.TrainView(out if not quiet else Console(quiet=True), p.plan.estimates.optimizer_steps)
+        box["on_step"], box["on_event"] = _progress(box["view"], p.plan.estimates.optimizer_steps)
+        box["view"].__enter__()
+
+    def on_step(*a) -> None:
+        box["on_step"](*a)
+
+    def on_event(kind, data) -> None:
+        box["on_event"](kind, data)
+
+    try:
+        outcome = runs.train_document(
+            file,
+            State.home,
+            hw,
+            max_steps=max_steps,
+            resume=resume,
+            fresh=fresh,
+            on_plan=on_plan,
+            on_step=on_step,
+            on_event=on_event,
+        )
+    finally:
+        if "view" in box:
+            box["view"].__exit__()
+    if not quiet:
+        render.trained(out, outcome, State.home)
+    raise typer.Exit(130 if outcome.summary.status == "interrupted" else 0)
+
+
+@app.command()
+def prompt(
+    file: Annotated[Path, typer.Argument(help="The trained document.")],
+    text: Annotated[str, typer.Argument(help="The question or instruction.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=8192, help="Most new tokens.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, max=5.0, help="0 = greedy.")] = 0.0,
+) -> None:
+    """Answer with the current adapter merged into the base in memory (chat template as in training)."""
+    from dlm.store import current
+    from dlm.train import basefolder
+    from dlm.use import infer
+
+    cur = current.current(file, State.home)
+    if cur.stale and State.verbosity >= 0:
+        err.print(f"note: {file} changed since {cur.version_dir.name} was trained; `dlm train {file}` refreshes it")
+    folder = basefolder.materialize(cur.prepared.base, State.home)
+    model, tok = infer.load_trained(cur.version_dir, folder, trust_remote_code=cur.prepared.spec.trust_remote_code)
+    out.print(
+        escape(infer.generate(model, tok, text, cur.prepared.spec.system_prompt, max_tokens, temperature)),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def show(
+    file: Annotated[Path, typer.Argument(help="The document whose store to list.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Stable JSON (docs/cli.md).")] = False,
+) -> None:
+    """The store: current adapter, versions and runs with their metrics. Exit 1 if the current one is damaged."""
+    from dlm.store import current
+
+    info = current.describe(file, State.home)
+    render.as_json(out, info) if json_out else render.store_listing(out, info)
+    if info["damaged"]:
+        err.print(escape(info["damaged"]), highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    file: Annotated[Path, typer.Argument(help="The trained document.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="A new (or empty) folder to write.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "float32",
+) -> None:
+    """Merge the current adapter into its base and write a standard Hugging Face model folder."""
+    from dlm.store import current
+    from dlm.train import basefolder
+    from dlm.use.export import export_merged
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise DlmError(f"--dtype must be float32, bfloat16 or float16 (got {dtype!r})", "for example: --dtype bfloat16")
+    cur = current.current(file, State.home)
+    folder = basefolder.materialize(cur.prepared.base, State.home)
+    target = export_merged(
+        cur.version_dir, folder, output, trust_remote_code=cur.prepared.spec.trust_remote_code, dtype=dtype
+    )
+    out.print(f"wrote {target} ({cur.version_dir.name} merged into {cur.prepared.spec.base_model})", highlight=False)
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="The baseline document (the cheaper side, e.g. LoRA).")],
+    b: Annotated[Path, typer.Argument(help="Its twin (e.g. DoRA), which must earn its extra cost.")],
+    metric: Annotated[
+        str, typer.Option("--metric", help="eval_loss (lower is better) | delta_kl (higher is better).")
+    ] = "eval_loss",
+    min_gain: Annotated[float, typer.Option("--min-gain", help="B must beat A by this fraction (0.05 = 5%).")] = 0.05,
+    gate: Annotated[bool, typer.Option("--gate", help="Exit 1 when B does not pay (for CI).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Stable JSON (docs/compare.md) instead of tables.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw loss curves and metric/cost bars into this PNG.")
+    ] = None,
+    train: Annotated[
+        bool, typer.Option("--train", help="First train a side that has no adapter or a stale one.")
+    ] = False,
+    allow_different_data: Annotated[
+        bool,
+        typer.Option("--allow-different-data", help="Compare twins whose corpora differ, on A's held-out examples."),
+    ] = False,
+) -> None:
+    """Score the base, A and B on A's held-out examples and say whether B's gain pays for its cost."""
+    from dlm.use import compare as comparing
+
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise DlmError(f"--plot writes a PNG file (got {plot})", "for example: --plot compare.png")
+
+    def on_train(role: str, path: str, why: str) -> None:
+        if State.verbosity >= 0:
+            err.print(f"training {role} ({escape(path)}): {why}", highlight=False)
+
+    result = comparing.compare(
+        a,
+        b,
+        State.home,
+        metric=metric,
+        min_gain=min_gain,
+        train=train,
+        on_train=on_train,
+        allow_different_data=allow_different_data,
+    )
+    render.as_json(out, result.to_json()) if json_out else render.comparison(out, result)
+    if plot is not None:
+        from dlm.cli.plot import comparison_png
+
+        comparison_png(result, plot)
+        err.print(f"plot: {escape(str(plot))}", highlight=False) if State.verbosity >= 0 else None
+    raise typer.Exit(1 if gate and not result.verdict.b_pays else 0)
+
+
+# typer >= 0.29 vendors click; find its exception base through a public class either way.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def main() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except DlmError as exc:
+        render.error(err, exc)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except _ClickException as exc:
+        exc.show()
+        sys.exit(2 if exc.exit_code not in (0, 1) else exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,188 @@
+"""The plumbing around the Trainer's loop, for `dlm.train.run`: the progress callback, signals, quiet bars.
+
+- `progress_callback`: a `TrainerCallback` that times every optimizer step, writes `log.jsonl`,
+  forwards progress (`on_step`, `on_event`; the kinds are listed in `dlm.train`'s docstring) and turns
+  a received signal into "save a checkpoint and stop" at the next step boundary, on every rank.
+- `stop_on_signals`: SIGINT / SIGTERM handlers for the duration of a run.
+- `quiet_progress`: the libraries' own tqdm bars and deprecation chatter off for a block.
+- `trim_log`: on resume, the log lines of steps that will be redone are dropped.
+
+transformers, datasets and torch are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+OnStep = Callable[[int, int, "float | None", int, float], None]
+OnEvent = Callable[[str, dict], None]
+WARMUP_STEPS = 2  # steps left out of the steady-state step time (allocation, first-touch costs)
+SECOND_SIGNAL_S = 1.0  # a repeat SIGINT sooner than this is the same Ctrl-C, forwarded by a launcher
+
+
+def trim_log(log_path: Path, upto_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (steps that will be redone)."""
+    if not log_path.is_file():
+        return
+    keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    log_path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def progress_callback(state_box: dict, log_path: Path, on_step: OnStep | None, on_event: OnEvent) -> Any:
+    """A TrainerCallback that times steps, writes log.jsonl, forwards progress and obeys signals."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            state_box["t_train"] = time.monotonic()
+            on_event("train_begin", {"step": state.global_step, "max_steps": state.max_steps})
+
+        def on_step_begin(self, args, state, control, **kw):
+            state_box["t_step"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            state_box["t_mark"] = time.perf_counter()
+            dt = state_box["t_mark"] - state_box["t_step"]
+            state_box["step_times"].append(dt)
+            steady = state_box["step_times"][WARMUP_STEPS:] or state_box["step_times"]
+            on_event("step_time", {"step": state.global_step, "seconds": dt, "steady": statistics.median(steady)})
+            if _any_rank(state_box["signal"] is not None, args):
+                # Save here, at a step boundary, and stop: the Trainer writes a full checkpoint.
+                control.should_save = True
+                control.should_training_stop = True
+                state_box["interrupted"] = True
+            if not control.should_log and on_step is not None:  # logged steps report from on_log with their loss
+                on_step(state.global_step, state.max_steps, state_box["loss"], state_box["tokens"], self._elapsed())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            now = self._elapsed()
+            entry: dict[str, Any] = {"step": state.global_step, "seconds": round(now, 3)}
+            if "loss" in logs:
+                loss = float(logs["loss"])
+                tokens = int(logs.get("num_tokens", state_box["tokens"]))
+                # After a resume TRL's counter restarts at 0: count from there, never backwards.
+                dtok = tokens - state_box["tokens"] if tokens >= state_box["tokens"] else tokens
+                dsec = now - state_box["t_log"]
+                entry.update(
+                    loss=loss,
+                    lr=logs.get("learning_rate"),
+                    grad_norm=logs.get("grad_norm"),
+                    tokens=tokens,
+                    tokens_per_s=round(dtok / dsec, 1) if dsec > 0 else None,
+                    epoch=logs.get("epoch"),
+                )
+                state_box.update(loss=loss, tokens=tokens, t_log=now)
+                if not math.isfinite(loss):
+                    state_box["failed"] = f"training loss became {loss} at step {state.global_step}"
+                    control.should_training_stop = True
+            entry.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+            if len(entry) > 2:
+                # Strict JSON: a NaN/inf loss is written as null (the run's message says what it was).
+                clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}
+                with log_path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(clean, allow_nan=False) + "\n")
+                on_event("log", entry)
+            if "loss" in logs and on_step is not None:
+                on_step(state.global_step, state.max_steps, state_box["loss"], state_box["tokens"], now)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            on_event("pause", {"kind": "eval", "seconds": self._since_mark(), "step": state.global_step})
+
+        def on_save(self, args, state, control, **kw):
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            state_box["checkpoint"] = str(path)
+            on_event("pause", {"kind": "checkpoint", "seconds": self._since_mark(), "step": state.global_step})
+            on_event("checkpoint", {"path": str(path), "step": state.global_step})
+
+        @staticmethod
+        def _since_mark() -> float:
+            """Seconds since the last step ended (or the last pause): the pause that just ended."""
+            now = time.perf_counter()
+            seconds, state_box["t_mark"] = now - state_box.get("t_mark", now), now
+            return seconds
+
+        @staticmethod
+        def _elapsed() -> float:
+            return time.monotonic() - state_box.get("t_train", time.monotonic())
+
+    return Progress()
+
+
+def _any_rank(flag: bool, args: Any) -> bool:
+    """Under torchrun / accelerate launch: did any rank get the signal? A Ctrl-C reaches the ranks
+    at slightly different moments; if one stopped a step before the others, they would wait for it
+    in the next gradient all-reduce forever. One tiny all-reduce per step makes them stop together."""
+    if getattr(args, "world_size", 1) <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    seen = torch.tensor([int(flag)], device=args.device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    return bool(seen.item())
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Switch off the libraries' own tqdm bars (weights loading, dataset mapping) and their
+    deprecation chatter for a block: render.py draws dlm's progress, and stray output would tear
+    through it. (bitsandbytes logs a warning about an optional CPU kernel package on import; the
+    4-bit path works without it.)"""
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    bars = (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        if bars[0]:
+            hf_logging.enable_progress_bar()
+        if bars[1]:
+            datasets.enable_progress_bars()
+
+
+@contextmanager
+def stop_on_signals(state_box: dict, on_event: OnEvent) -> Iterator[None]:
+    """SIGINT/SIGTERM -> `state_box["signal"]`, which the progress callback turns into "save a
+    checkpoint and stop" at the next step boundary; a second SIGINT aborts at once. The previous
+    handlers come back afterwards. Python only delivers signals to the main thread: elsewhere the
+    block runs without handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if state_box["signal"] is not None:
+            # A launcher (torchrun, accelerate) forwards the terminal's Ctrl-C, so one keypress can
+            # arrive twice within moments: only a second SIGINT a while later means "abort now".
+            if signum == signal.SIGINT and time.monotonic() - state_box.get("signal_at", 0.0) > SECOND_SIGNAL_S:
+                raise KeyboardInterrupt
+            return
+        state_box["signal"], state_box["signal_at"] = signum, time.monotonic()
+        on_event("interrupt", {"signal": signal.Signals(signum).name})
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)

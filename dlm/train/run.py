@@ -1,0 +1,356 @@
+"""Training: with `infer.py`, the only modules that import trl/peft/transformers/datasets.
+
+Every heavy import sits inside a function, so `import dlm.train` is instant. `run` reads top to
+bottom like a recipe: load the base, turn examples into rows, build `LoraConfig` / `SFTConfig` from
+the plan's kwargs (unchanged, TRL 1.16 / PEFT names), train with `SFTTrainer`, save, summarise.
+
+Rows and chat rendering live in `dlm/train/rows.py`; evaluation loss in `dlm/train/evaluate.py`.
+
+Progress (this module prints nothing; `render.py` draws):
+- `on_step(step, max_steps, loss, tokens, elapsed_s)` after every optimizer step; `loss` is the
+  latest logged training loss (None before the first log), `tokens` the tokens seen so far
+  (prompt tokens included; from TRL's `num_tokens`), `elapsed_s` wall time since training began.
+- `on_event(kind, data)`: "cpu_runtime" ({threads, malloc}: the plan's CPU settings as applied,
+  dlm/cpu_runtime.py), "load" / "loaded" (base), "rows" (counts), "dora_dropout" ({mode, factored_norm,
+  layers}: DoRA layers put on dlm's training forward), "train_begin" ({step, max_steps}), "step_time" ({step, seconds, steady}: one step's compute time and the running
+  steady-state median), "pause" ({kind: eval|checkpoint, seconds}: time that was not training, for
+  `progress.EtaEstimator.exclude`), "log" (each log entry as written to log.jsonl), "interrupt"
+  ({signal}), "checkpoint" ({path, step}), "eval" ({eval_loss, base_eval_loss}), "saved"
+  ({adapter}), "done" ({status, steps}).
+- `callbacks`: extra `transformers.TrainerCallback` instances, passed to the trainer as they are.
+The callback, the signal handlers and the quieting of the libraries' bars live in `dlm/trainloop.py`.
+
+Signals: while `run` trains, SIGINT / SIGTERM ask it to stop at the next step boundary; it saves a
+checkpoint there and returns status "interrupted" (a second SIGINT aborts at once; one that comes
+within a second is the same Ctrl-C forwarded by a launcher). Under torchrun every rank stops at the
+same step. The previous handlers are restored when `run` returns. `resume_from` (a checkpoint
+folder, or True for the newest in `out_dir/checkpoints/`) restores weights, optimizer, scheduler,
+RNG and step through the Trainer's `resume_from_checkpoint`; on a CPU the resumed run ends with
+the same adapter tensors as an uninterrupted one (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dlm.errors import DlmError
+from dlm.plan.corpus import Example
+from dlm.plan.planner import Plan
+from dlm.train.loop import (
+    WARMUP_STEPS,
+    OnEvent,
+    OnStep,
+    progress_callback,
+    quiet_progress,
+    stop_on_signals,
+    trim_log,
+)
+from dlm.train.rows import ADDED_PAD, ensure_pad_token, rows, torch_dtype
+
+# bitsandbytes logs a warning on import (peft imports it) about an optional CPU kernel package that
+# the 4-bit path does not need; set before any heavy import so it never reaches the user's console.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+Status = Literal["ok", "failed", "interrupted"]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    status: Status
+    steps: int  # optimizer steps done (global step, resumed steps included)
+    max_steps: int
+    train_loss: float | None  # the last logged training loss
+    eval_loss: float | None  # token-weighted mean loss on the held-out rows (`eval_loss()`)
+    base_eval_loss: float | None  # the same for the base with the adapter disabled
+    seconds: float  # wall time of this call
+    steady_step_seconds: float | None  # median step time without warm-up and eval/save pauses
+    tokens_seen: int
+    peak_memory_bytes: int  # CUDA: max allocated; CPU: peak RSS of the process
+    trainable_params: int
+    total_params: int
+    adapter_dir: str | None  # out_dir/adapter when status is "ok"
+    checkpoint: str | None  # the newest checkpoint folder (resume from it)
+    message: str = ""
+    log_history: tuple[dict, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["log_history"] = list(self.log_history)
+        return data
+
+
+# --- translating the plan's kwargs ---------------------------------------------------------------
+
+
+def from_pretrained_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The plan's `model_kwargs` -> `from_pretrained` arguments: the one short translator.
+
+    dtype strings become torch dtypes; `quantization` (BitsAndBytesConfig kwargs or None) becomes
+    `quantization_config`; everything else passes through under its own name.
+    """
+    from transformers import BitsAndBytesConfig
+
+    kwargs = dict(model_kwargs)
+    if "dtype" in kwargs:
+        kwargs["dtype"] = torch_dtype(kwargs["dtype"])
+    quant = kwargs.pop("quantization", None)
+    if quant:
+        quant = {k: torch_dtype(v) if k.endswith("_dtype") or k.endswith("_storage") else v for k, v in quant.items()}
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
+    return kwargs
+
+
+def _checkpointing(plan: Plan) -> bool:
+    kw = plan.sft_kwargs
+    value = kw.get("activation_checkpointing", kw.get("gradient_checkpointing"))
+    return True if value is None else bool(value)  # TRL's default is on
+
+
+# --- base, tokenizer and rows --------------------------------------------------------------------
+
+
+def load_base(folder: Path, plan: Plan, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) for training: dtype / attention / 4-bit from `plan.model_kwargs`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = from_pretrained_kwargs(plan.model_kwargs)
+    if "quantization_config" in kwargs and "device_map" not in kwargs:
+        import torch
+
+        if torch.cuda.is_available():  # bitsandbytes quantises on the device the weights land on
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
+    ensure_pad_token(tokenizer, model)
+    if "quantization_config" in kwargs:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32 and freezes the 4-bit weights; checkpointing as the plan decided.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(plan))
+    return model, tokenizer
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder of a run (by N), or None. A checkpoint counts once
+    the Trainer has written its `trainer_state.json`, so a save cut short is skipped."""
+    folder = Path(out_dir) / "checkpoints"
+    found = [
+        (int(p.name[11:]), p)
+        for p in folder.glob("checkpoint-*")
+        if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def sft_config(plan: Plan, output_dir: Path, *, max_steps: int | None = None, has_eval: bool = True) -> Any:
+    """`SFTConfig(output_dir=..., **plan.sft_kwargs)`: the plan's names pass through unchanged.
+
+    Only run-mechanics are added when the plan does not say: no tqdm (render.py draws), NaN losses
+    logged as NaN (so the run can stop on them), a few checkpoints kept. A CLI `--max-steps`
+    overrides the plan's length; with no held-out rows, periodic evaluation is switched off.
+    """
+    from trl import SFTConfig
+
+    kwargs = dict(plan.sft_kwargs)
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    if not has_eval:
+        kwargs["eval_strategy"] = "no"
+        kwargs.pop("eval_steps", None)
+    kwargs.setdefault("disable_tqdm", True)
+    kwargs.setdefault("logging_nan_inf_filter", False)
+    kwargs.setdefault("save_total_limit", 3)
+    return SFTConfig(output_dir=str(output_dir), **kwargs)
+
+
+def peak_memory() -> int:
+    """This process's peak: `max_memory_allocated` on CUDA, peak RSS elsewhere (bytes)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def _finite_adapter(model: Any) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def run(
+    plan: Plan,
+    train_examples: Sequence[Example],
+    heldout_examples: Sequence[Example],
+    base_folder: Path,
+    out_dir: Path,
+    *,
+    trust_remote_code: bool = False,
+    callbacks: Sequence[Any] = (),
+    resume_from: Path | bool | None = None,
+    max_steps: int | None = None,
+    on_step: OnStep | None = None,
+    on_event: OnEvent | None = None,
+    eval_base: bool = True,
+) -> RunSummary:
+    """Train one adapter: `out_dir/adapter/` (PEFT safetensors), `out_dir/log.jsonl`,
+    `out_dir/checkpoints/checkpoint-N/`. Returns the summary; raises only on bugs and bad input.
+
+    `max_steps` overrides the plan's length (CLI `--max-steps`); `eval_base` also scores the base
+    with the adapter disabled on the held-out rows (`base_eval_loss`).
+    """
+    t0 = time.monotonic()
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+    from trl import SFTTrainer
+
+    from dlm.train.evaluate import eval_loss
+
+    emit: OnEvent = on_event or (lambda kind, data: None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "log.jsonl"
+    if resume_from is True:
+        resume_from = latest_checkpoint(out_dir)
+        if resume_from is None:
+            raise DlmError(f"no checkpoint to resume from in {out_dir / 'checkpoints'}", "train without --resume")
+    if resume_from:
+        resume_from = Path(resume_from)
+        trim_log(log_path, json.loads((resume_from / "trainer_state.json").read_text())["global_step"])
+    else:
+        log_path.write_text("")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    box: dict[str, Any] = {
+        "signal": None,
+        "interrupted": False,
+        "failed": None,
+        "loss": None,
+        "tokens": 0,
+        "t_log": 0.0,
+        "step_times": [],
+        "checkpoint": str(resume_from) if resume_from else None,
+    }
+
+    with stop_on_signals(box, emit), quiet_progress():
+        # 1. load. Seeded first: PEFT draws the adapter's initial weights from the global RNG.
+        set_seed(int(plan.sft_kwargs.get("seed", 42)))
+        if "threads" in plan.runtime_kwargs or "malloc" in plan.runtime_kwargs:
+            from dlm.train import cpu_runtime
+
+            emit("cpu_runtime", cpu_runtime.apply(plan.runtime_kwargs, plan.world_size))
+        emit("load", {"base": str(base_folder)})
+        model, tokenizer = load_base(base_folder, plan, trust_remote_code)
+        emit("loaded", {"params": sum(p.numel() for p in model.parameters())})
+        # 2. rows
+        train_rows, held_rows = rows(train_examples, tokenizer), rows(heldout_examples, tokenizer)
+        emit("rows", {"train": len(train_rows), "heldout": len(held_rows)})
+        if not train_rows:
+            raise DlmError(
+                "there is nothing to train on: every example is held out or the corpus is empty",
+                "add examples, or lower training.eval_fraction",
+            )
+        # 3. wrap: TRL applies the LoraConfig and prepares (tokenizes, masks) the datasets
+        args = sft_config(plan, out_dir / "checkpoints", max_steps=max_steps, has_eval=bool(held_rows))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(held_rows) if held_rows else None,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(**plan.lora_kwargs),
+            callbacks=[progress_callback(box, log_path, on_step, emit), *callbacks],
+        )
+        # The Trainer's own console output (a printed dict per log, or a tqdm bar) is render.py's job.
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        model = trainer.model
+        if plan.runtime_kwargs.get("dora_dropout") == "branch":
+            from dlm.train.dora_fast import enable_branch_dropout
+
+            # DoRA dropout on the low-rank branch only (no second base matmul) and, with "dora_norm":
+            # "factored", the row norm from factors; the saved adapter stays PEFT's own
+            factored = plan.runtime_kwargs.get("dora_norm") == "factored"
+            layers = enable_branch_dropout(model, factored_norm=factored)
+            emit("dora_dropout", {"mode": "branch", "factored_norm": factored, "layers": layers})
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        # 4. train (a signal that came while loading means: stop before the first step)
+        if box["signal"] is None:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        else:
+            box["interrupted"] = True
+        # 5. judge and save: only a complete, finite run becomes an adapter folder
+        status: Status = "interrupted" if box["interrupted"] else "ok"
+        message = ""
+        if box["failed"] or (status == "ok" and not _finite_adapter(model)):
+            status, message = "failed", box["failed"] or "the adapter's weights are not finite"
+        adapter_dir = eval_l = base_l = None
+        if status == "ok":
+            if held_rows:
+                eval_l = eval_loss(model, tokenizer, heldout_examples, max_length=args.max_length)
+                if eval_base:
+                    with model.disable_adapter():
+                        base_l = eval_loss(model, tokenizer, heldout_examples, max_length=args.max_length)
+                emit("eval", {"eval_loss": eval_l, "base_eval_loss": base_l})
+            adapter_dir = str(_save_adapter(model, tokenizer, out_dir / "adapter"))
+            emit("saved", {"adapter": adapter_dir})
+
+    # 6. summarise
+    state, steps_t = trainer.state, box["step_times"]
+    summary = RunSummary(
+        status=status,
+        steps=state.global_step,
+        max_steps=state.max_steps,
+        train_loss=box["loss"],
+        eval_loss=eval_l,
+        base_eval_loss=base_l,
+        seconds=time.monotonic() - t0,
+        steady_step_seconds=statistics.median(steps_t[WARMUP_STEPS:] or steps_t) if steps_t else None,
+        tokens_seen=box["tokens"],
+        peak_memory_bytes=peak_memory(),
+        trainable_params=trainable,
+        total_params=total,
+        adapter_dir=adapter_dir,
+        checkpoint=box["checkpoint"],
+        message=message,
+        log_history=tuple(state.log_history),
+    )
+    emit("done", {"status": status, "steps": summary.steps})
+    return summary
+
+
+def _save_adapter(model: Any, tokenizer: Any, target: Path) -> Path:
+    """PEFT adapter folder (adapter_config.json + adapter_model.safetensors), swapped in whole."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        if tokenizer.pad_token == ADDED_PAD:  # the vocabulary grew: the base's tokenizer no longer fits
+            tokenizer.save_pretrained(str(tmp))
+        tmp.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
