@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup lint test test-unit test-slow demo twin bench clean
+.PHONY: setup lint test test-unit test-slow demo twin bench learn clean
 
 setup: $(STAMP)
 
@@ -39,13 +39,13 @@ test-unit: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
-# The quick start: audit every example, then train the tutor on the embedded base (~1-2 min on
-# 2 CPU cores, offline) and ask the trained adapter a question.
+# The quick start: audit every example, train the tutor on the embedded base with no training knobs
+# (~3 min on 2 CPU cores, offline; `dlm train` ends with the learning line), then ask three trained
+# questions of the base and of the adapter, side by side.
 demo: setup
 	@for f in configs/*.dlm configs/*.yaml; do echo "== dlm doctor $$f"; $(BIN)/dlm doctor $$f > /dev/null || exit $$?; echo "ok"; done
 	$(BIN)/dlm train configs/tutor.dlm --fresh
-	$(BIN)/dlm show configs/tutor.dlm
-	$(BIN)/dlm prompt configs/tutor.dlm "What does the yield keyword do?"
+	$(BIN)/dlm prompt configs/tutor.dlm --side-by-side --file configs/tutor-questions.txt
 
 # The twin comparison CI runs: LoRA and DoRA twins trained on the embedded base (each in its own
 # process, so peak memory is each run's own), then compared; the report's shape and numbers are
@@ -67,3 +67,11 @@ clean:
 # (~25 min on 2 CPU cores, offline). Prints the ratio table; writes docs/performance.md and .png.
 bench: setup
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# Does `dlm train` with no knobs learn a document? Every made-up fact document in bench/learn/ with
+# dlm's defaults and with peers' usual ones (3 epochs, 2e-4, attention-only r=8), one process and one
+# DLM_HOME per run; writes the recall table into docs/learning.md. LEARN_ARGS='bench/learn/facts-20.dlm'
+# for one document.
+learn: setup
+	$(BIN)/python bench/learn/learn.py --md docs/learning.md $(LEARN_ARGS)
+

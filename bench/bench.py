@@ -19,11 +19,11 @@ sys.path.insert(0, str(REPO))  # `bench` is a folder of the repository, not of t
 
 
 def main() -> int:
-    from bench import harness as bench
+    from bench import harness, report, results
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", nargs="?", default=str(REPO / "configs" / "corpus-lora.dlm"))
-    ap.add_argument("--steps", type=int, default=bench.DEFAULT_STEPS, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=results.DEFAULT_STEPS, help="optimizer steps per run")
     ap.add_argument("--md", default=str(REPO / "docs" / "performance.md"))
     ap.add_argument("--png", default=str(REPO / "docs" / "performance.png"))
     ap.add_argument("--out", default=str(REPO / "bench" / "out"), help="worker logs and results.json")
@@ -33,13 +33,13 @@ def main() -> int:
         import json
 
         saved = json.loads(Path(args.from_results).read_text())
-        report = bench.report(saved["results"], saved["info"], Path(args.md), Path(args.png))
-        print(bench.ratio_table(report["summary"]))
+        done = report.report(saved["results"], saved["info"], Path(args.md), Path(args.png))
+        print(report.ratio_table(done["summary"]))
         return 0
     home = Path(os.environ.get("DLM_HOME") or REPO / ".dlm-home")
     file = Path(args.file)
     shown = file.resolve().relative_to(REPO) if file.resolve().is_relative_to(REPO) else file
-    report = bench.run(
+    done = harness.run(
         file,
         home,
         steps=args.steps,
@@ -51,7 +51,7 @@ def main() -> int:
         label=str(shown),
     )
     print()
-    print(bench.ratio_table(report["summary"]))
+    print(report.ratio_table(done["summary"]))
     print(f"\nwrote {args.md}, {args.png} and {args.out}/results.json")
     return 0
 

@@ -28,14 +28,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-WARMUP = 2  # steps left out of the steady step time, as in dlm.train
 
 
 def _timeline_callback(box: dict) -> Any:
@@ -94,16 +91,19 @@ def _etas(box: dict, total: int) -> dict[str, Any]:
 
 
 def _summary(box: dict, total: int) -> dict[str, Any]:
-    """Steady s/step (median after warm-up) and tokens/s over the steps after warm-up: steps differ in
-    length (rows are padded to the longest of their batch), so tokens/s is tokens over time, not a median."""
+    """Steady s/step (dlm's own `steady_step_seconds`: the median after warm-up) and tokens/s over the
+    steps after warm-up: steps differ in length (rows are padded to the longest of their batch), so
+    tokens/s is tokens over time, not a median."""
+    from dlm.train.progress import WARMUP_STEPS, steady_step_seconds
+
     times = [end - start for _, start, end in box["steps"]]
     tokens = box["tokens"]
     last = box["steps"][-1][0]
-    first = WARMUP if len(times) > WARMUP and WARMUP in tokens else 0
+    first = WARMUP_STEPS if len(times) > WARMUP_STEPS and WARMUP_STEPS in tokens else 0
     steady_tokens = tokens.get(last, 0) - tokens.get(first, 0)
     return {
         "steps": len(times),
-        "steady_s": statistics.median(times[first:] or times),
+        "steady_s": steady_step_seconds(times),
         "min_s": min(times[first:] or times),
         "tokens": tokens.get(last, 0),
         "tokens_per_s": steady_tokens / sum(times[first:]) if sum(times[first:]) > 0 else None,
@@ -121,9 +121,18 @@ def _base_folder(p: Any, cfg: dict) -> Path:
 
 def _prepare(cfg: dict, hw: Any, extra: dict | None = None) -> Any:
     from dlm.plan.prepare import prepare
+    from dlm.train import basefolder
 
     knobs = {"adapter": cfg["adapter"], "lora_dropout": cfg["dropout"], **cfg.get("overrides", {}), **(extra or {})}
-    return prepare(cfg["file"], hw, max_steps=cfg["steps"], training_overrides=knobs)
+    home = Path(cfg["home"])
+    return prepare(  # token counts exact, as `dlm train` plans them
+        cfg["file"],
+        hw,
+        max_steps=cfg["steps"],
+        training_overrides=knobs,
+        home=home,
+        base_folder=lambda base: basefolder.materialize(base, home),
+    )
 
 
 def _optim_name(optim: Any) -> str:

@@ -9,12 +9,10 @@ training:
   lora_r: 8               # rank of the update matrices B (d x 8) and A (8 x k)
   lora_alpha: 16          # scale = alpha / r = 16 / 8 = 2
   lora_dropout: 0.0       # PEFT's default; > 0 costs time on a CPU and slows DoRA
-  target_modules: auto    # auto = q_proj, k_proj, v_proj, o_proj on a Llama-shaped base
-  learning_rate: 2.0e-4   # LoRA wants ~10x a full fine-tune's rate (TRL's 2e-5 is too low)
-  num_epochs: 7           # 24 training rows / effective batch 8 = 3 steps an epoch -> 21 steps (~40 s here)
-  sequence_len: 256       # every row here is < 120 tokens; the planner clips further to the corpus
-  eval_fraction: 0.1      # held out by hash of (seed, example id): 1 of the 25 examples here
   seed: 42                # seeds torch, the data order and the held-out split
+  # No target_modules, learning_rate or num_epochs: the measured defaults teach (docs/learning.md).
+  # 16 Q/A pairs, 1 held out by hash of (seed, id) -> 15 training rows + the title = 16 / effective
+  # batch 8 = 2 steps an epoch; the planner's budget is 20 passes = 40 steps (`dlm doctor` says why).
 ---
 # Python, briefly
 
@@ -98,43 +96,3 @@ Holding unique items and testing membership quickly; it also supports union and 
 What does `zip` do?
 ### A
 It walks several iterables side by side and yields tuples of their items, stopping at the shortest.
-
-### Q
-What is the GIL?
-### A
-CPython's global interpreter lock: only one thread runs Python bytecode at a time, so threads help with waiting, not with CPU work.
-
-### Q
-What is a type hint?
-### A
-An annotation such as `def f(x: int) -> str:` that documents types for readers and checkers; Python does not enforce it at run time.
-
-### Q
-What does `if __name__ == "__main__":` do?
-### A
-It runs the block only when the file is executed as a script, not when it is imported as a module.
-
-### Q
-What is slicing?
-### A
-Taking part of a sequence with `seq[start:stop:step]`; the stop index is not included.
-
-### Q
-What is an f-string?
-### A
-A string prefixed with f whose `{expressions}` are evaluated and formatted in place, such as `f"{name}!"`.
-
-### Q
-What is `pip`?
-### A
-Python's package installer: it downloads and installs packages from a package index into the active environment.
-
-### Q
-What is recursion?
-### A
-A function calling itself on a smaller part of the problem until it reaches a case it can answer directly.
-
-### Q
-What does `return` without a value give back?
-### A
-`None`, Python's value for nothing.

@@ -62,7 +62,7 @@ def train_child(doc: Path, home: Path, hw, log: Path) -> None:
 
 def store_of(home: Path, doc: Path):
     from dlm.doc.datafiles import read_doc
-    from dlm.store.store import open_store
+    from dlm.store.opening import open_store
 
     dlm_id = read_doc(doc).frontmatter["dlm_id"]
     return open_store(home, dlm_id, doc, "./tiny", readonly=True), dlm_id
@@ -70,7 +70,7 @@ def store_of(home: Path, doc: Path):
 
 def check_on_disk(home: Path, doc: Path) -> dict:
     """The state a kill leaves, before anyone repairs anything."""
-    from dlm.store.store import verify
+    from dlm.store.integrity import verify
 
     store, _ = store_of(home, doc)
     manifest = store.load_manifest()  # RunError when the manifest is damaged
@@ -83,7 +83,8 @@ def check_on_disk(home: Path, doc: Path) -> dict:
 def check_after_lock(home: Path, doc: Path) -> dict:
     """What the next `dlm train` sees once it holds the lock (and has reconciled)."""
     from dlm.errors import RunError
-    from dlm.store.store import open_store, verify
+    from dlm.store.integrity import verify
+    from dlm.store.opening import open_store
 
     _, dlm_id = store_of(home, doc)
     store = open_store(home, dlm_id, doc, "./tiny")

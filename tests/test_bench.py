@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import harness as bench
+from bench import harness, report
+from bench import results as figures
 
 
 def _result(kind: str, adapter: str, dropout: float, tps: float, loss: float = 2.0, **extra) -> dict:
@@ -40,7 +41,7 @@ def _result(kind: str, adapter: str, dropout: float, tps: float, loss: float = 2
 
 def _results(dora_tax: float = 1.05) -> list[dict]:
     out = []
-    for adapter, dropout in bench.VARIANTS:
+    for adapter, dropout in figures.VARIANTS:
         tax = dora_tax if adapter == "dora" else 1.0
         out += [
             _result("plain", adapter, dropout, 100 / tax / 1.2),
@@ -51,7 +52,7 @@ def _results(dora_tax: float = 1.05) -> list[dict]:
 
 
 def test_summary_ratios_and_targets() -> None:
-    s = bench.summarise(_results())
+    s = figures.summarise(_results())
     row = s["rows"][0]
     assert row["variant"] == "LoRA d=0"
     assert row["same_vs_plain"] == pytest.approx(100 / 99)  # time per token, same / plain
@@ -74,7 +75,7 @@ def test_same_vs_plain_uses_the_mean_of_the_abba_runs_and_ablations_the_plan_mea
     for r in results:
         if r.get("repeat"):
             r["config"]["repeat"] = r.pop("repeat")
-    s = bench.summarise(results)
+    s = figures.summarise(results)
     row = s["rows"][0]
     assert row["same_vs_plain"] == pytest.approx(((100 / 1.2 + 110) / 2) / ((99 / 1.2 + 109) / 2))
     assert row["same_runs"] == 2 and row["same"]["config"].get("repeat", 0) == 0  # the table shows the main run
@@ -90,9 +91,9 @@ def test_run_order_is_abba_per_variant_then_ablations_then_the_plan_again(monkey
         seen.append((cfg["kind"], cfg["adapter"], cfg["dropout"], cfg["steps"], cfg.get("repeat", 0)))
         return {"config": cfg} if cfg["kind"] == "prepare" else {"config": cfg, "error": "not run"}
 
-    monkeypatch.setattr(bench, "run_one", record)
-    bench.run_all(Path("doc.dlm"), tmp_path, 32, tmp_path, variants=(("dora", 0.05),))
-    short = bench.REPEAT_STEPS
+    monkeypatch.setattr(harness, "run_one", record)
+    harness.run_all(Path("doc.dlm"), tmp_path, 32, tmp_path, variants=(("dora", 0.05),))
+    short = figures.REPEAT_STEPS
     assert seen == [
         ("prepare", "lora", 0.0, 32, 0),
         ("plain", "dora", 0.05, 32, 0),
@@ -111,17 +112,17 @@ def test_targets_can_fail_and_missing_runs_are_unknown() -> None:
     results = _results(dora_tax=1.3)
     results[2]["eval_loss"] = 2.5  # dlm's held-out loss worse than plain's on LoRA d=0
     results[2]["eta_dlm_total_s"] = 150.0
-    s = bench.summarise(results)
+    s = figures.summarise(results)
     assert s["met"]["dora_lora"] is False and s["met"]["speedup"] is False and s["met"]["eta"] is False
-    partial = bench.summarise([r for r in _results() if r["config"]["kind"] != "same"])
+    partial = figures.summarise([r for r in _results() if r["config"]["kind"] != "same"])
     assert partial["met"]["same"] is None and partial["rows"][0]["same_vs_plain"] is None
-    failed = bench.summarise([{"config": {"kind": "dlm", "adapter": "lora", "dropout": 0.0}, "error": "exit 1"}])
+    failed = figures.summarise([{"config": {"kind": "dlm", "adapter": "lora", "dropout": 0.0}, "error": "exit 1"}])
     assert failed["rows"][0]["dlm"] is None
 
 
 def test_markdown_and_chart(tmp_path: Path) -> None:
     results = _results()
-    s = bench.summarise(results)
+    s = figures.summarise(results)
     info = {
         "file": "configs/corpus-lora.dlm",
         "steps": 40,
@@ -130,9 +131,9 @@ def test_markdown_and_chart(tmp_path: Path) -> None:
         "minutes": 20.0,
         "load_before": 1.5,
         "load_after": 3.0,
-        "machine": bench.machine(),
+        "machine": harness.machine(),
     }
-    text = bench.markdown(results, s, info)
+    text = report.markdown(results, s, info)
     for part in (
         "## Machine",
         "## Speed",
@@ -149,10 +150,10 @@ def test_markdown_and_chart(tmp_path: Path) -> None:
         "| `packing: true` (the plan: off) | 180 | 150 | x0.833 |",
     ):
         assert part in text, part
-    out = bench.report(results, info, tmp_path / "perf.md", tmp_path / "perf.png")  # what --from-results does
+    out = report.report(results, info, tmp_path / "perf.md", tmp_path / "perf.png")  # what --from-results does
     assert (tmp_path / "perf.md").read_text() == text == out["markdown"]
     assert (tmp_path / "perf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "target speedup: met" in bench.ratio_table(s)
+    assert "target speedup: met" in report.ratio_table(s)
 
 
 @pytest.mark.integration
@@ -164,11 +165,11 @@ def test_worker_same_knobs_trains_exactly_what_the_plain_script_trains(tmp_path:
     doc = tmp_path / "notes.dlm"
     doc.write_text(DOC.format(base=tiny_base(tmp_path / "base")))
     cfg = {"file": str(doc), "adapter": "dora", "dropout": 0.05, "steps": 4, "home": str(tmp_path / "home")}
-    ready = bench.run_one({**cfg, "kind": "prepare"}, tmp_path)
+    ready = harness.run_one({**cfg, "kind": "prepare"}, tmp_path)
     assert Path(ready["base_folder"]) == tmp_path / "base" and "tokens_per_s" not in ready  # trains nothing
-    plain = bench.run_one({**cfg, "kind": "plain"}, tmp_path)
-    same = bench.run_one({**cfg, "kind": "same"}, tmp_path)
-    dlm = bench.run_one({**cfg, "kind": "dlm"}, tmp_path)
+    plain = harness.run_one({**cfg, "kind": "plain"}, tmp_path)
+    same = harness.run_one({**cfg, "kind": "same"}, tmp_path)
+    dlm = harness.run_one({**cfg, "kind": "dlm"}, tmp_path)
     for r in (plain, same, dlm):
         assert "error" not in r, r.get("error")
         assert r["steps"] == 4 and r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 and r["real_total_s"] > 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dlm.doc.schema import new_id
-from dlm.store.store import open_store
+from dlm.store.opening import open_store
 
 pytestmark = pytest.mark.integration
 DLM = str(Path(sys.executable).with_name("dlm"))

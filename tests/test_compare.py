@@ -19,7 +19,7 @@ from rich.console import Console
 
 from dlm.errors import DlmError
 from dlm.use import compare as cmp
-from dlm.use.compare import Side, check_options, config_diff, decide, relative_gain
+from dlm.use.verdict import Comparison, Side, check_options, config_diff, decide, perplexity, relative_gain
 
 REPO = Path(__file__).resolve().parent.parent
 ID_A, ID_B, ID_C = "01KAV3J8ZP4N6Q2R7S9T0W1X2A", "01KAV3J8ZP4N6Q2R7S9T0W1X2B", "01KAV3J8ZP4N6Q2R7S9T0W1X2C"
@@ -37,7 +37,7 @@ def side(
     size: int | None = 400,
 ) -> Side:
     return Side(
-        role, f"{role}.dlm", None, "v0001", "lora", loss, cmp.perplexity(loss), kl, step, seconds, 5, mem, params, size
+        role, f"{role}.dlm", None, "v0001", "lora", loss, perplexity(loss), kl, step, seconds, 5, mem, params, size
     )
 
 
@@ -217,6 +217,7 @@ SIDE_KEYS = {
     "trainable_params": (int, type(None)),
     "adapter_bytes": (int, type(None)),
     "stale": bool,
+    "answer_f1": (float, type(None)),
 }
 VERDICT_KEYS = {
     "metric": str,
@@ -249,7 +250,7 @@ def check_shape(data: dict) -> None:
         "verdict",
         "notes",
     }
-    assert data["dlm_compare"] == 1 and data["metric"] in ("eval_loss", "delta_kl")
+    assert data["dlm_compare"] == 1 and data["metric"] in ("eval_loss", "delta_kl", "answer_f1")
     assert isinstance(data["min_gain"], float)
     assert set(data["heldout"]) == {"examples", "tokens", "from"} and data["heldout"]["from"] == "A"
     assert data["heldout"]["examples"] > 0 and data["heldout"]["tokens"] > 0
@@ -303,13 +304,13 @@ SCORES = {"examples": 3, "tokens": 57, "loss": {"base": 3.2, "A": 2.4, "B": 2.2}
 
 
 @pytest.fixture
-def comparison(tmp_path: Path) -> cmp.Comparison:
+def comparison(tmp_path: Path) -> Comparison:
     fa = write_version(tmp_path / "a" / "v0001", spec(ID_A), step=1.0, mem=2_000_000)
     fb = write_version(tmp_path / "b" / "v0002", spec(ID_B, adapter="dora"), step=1.3, mem=2_100_000)
     return cmp.assemble(fa, fb, "a.dlm", "b.dlm", SCORES, base_name="smollm2-135m", metric="eval_loss", min_gain=0.05)
 
 
-def test_assembled_comparison_has_every_metric_and_the_documented_json(comparison: cmp.Comparison) -> None:
+def test_assembled_comparison_has_every_metric_and_the_documented_json(comparison: Comparison) -> None:
     c = comparison
     assert (c.base.eval_loss, c.a.eval_loss, c.b.eval_loss) == (3.2, 2.4, 2.2)
     assert c.a.perplexity == pytest.approx(math.exp(2.4)) and c.base.delta_kl == 0.0 and c.b.delta_kl == 0.36
@@ -323,7 +324,7 @@ def test_assembled_comparison_has_every_metric_and_the_documented_json(compariso
     assert data["sides"]["base"]["adapter"] is None and data["sides"]["base"]["steady_step_seconds"] is None
 
 
-def test_render_shows_rows_metrics_diff_and_verdict(comparison: cmp.Comparison) -> None:
+def test_render_shows_rows_metrics_diff_and_verdict(comparison: Comparison) -> None:
     from dlm.cli import render
 
     console = Console(record=True, width=80)  # a CI log: every column must still be whole
@@ -355,7 +356,7 @@ def test_render_shows_rows_metrics_diff_and_verdict(comparison: cmp.Comparison) 
     assert "…" not in text  # nothing truncated
 
 
-def test_plot_writes_a_png(comparison: cmp.Comparison, tmp_path: Path) -> None:
+def test_plot_writes_a_png(comparison: Comparison, tmp_path: Path) -> None:
     from dlm.cli.plot import comparison_png
 
     out = comparison_png(comparison, tmp_path / "sub" / "cmp.png")
@@ -391,12 +392,12 @@ def write_doc(path: Path, dlm_id: str, *, adapter: str = "lora", body: str = BOD
     return path
 
 
-def fake_train(path: Path, home: Path) -> str:
+def fake_train(path: Path, home: Path, heldout_f1: tuple[float, float] | None = None) -> str:
     """What runs.train_document leaves behind, without training: a committed version with its documents."""
     from dlm.plan import hardware
     from dlm.plan.prepare import prepare
     from dlm.store import current
-    from dlm.store.store import open_store
+    from dlm.store.opening import open_store
 
     prepared = prepare(path, hardware.probe_light())
     store = open_store(home, prepared.spec.dlm_id, Path(prepared.doc.path), prepared.spec.base_model)
@@ -422,7 +423,16 @@ def fake_train(path: Path, home: Path) -> str:
             run,
             staged,
             {},
-            {"spec": prepared.spec.model_dump(mode="json"), "plan": prepared.plan.to_json(), "summary": summary},
+            {
+                "spec": prepared.spec.model_dump(mode="json"),
+                "plan": prepared.plan.to_json(),
+                "summary": summary,
+                **(
+                    {"metrics": {"learning": {"heldout": {"n": 2, "f1": heldout_f1[0], "base_f1": heldout_f1[1]}}}}
+                    if heldout_f1
+                    else {}
+                ),
+            },
         )
         store.end_run(run, "ok", {})
     return version
@@ -493,6 +503,21 @@ def test_compare_flow_scores_a_heldout_with_both_adapters(home: Path, tmp_path: 
     check_shape(c.to_json())
 
 
+def test_compare_judges_on_the_learning_reports_answer_f1(home: Path, tmp_path: Path, no_torch_scoring) -> None:
+    """`--metric answer_f1`: each version's held-out answer F1 from its metrics.json (the base's from A's);
+    a version without a learning report leaves the metric missing, never a guess."""
+    a, b = write_doc(tmp_path / "a.dlm", ID_A), write_doc(tmp_path / "b.dlm", ID_B, adapter="dora")
+    fake_train(a, home, heldout_f1=(0.5, 0.1)), fake_train(b, home, heldout_f1=(0.6, 0.1))
+    c = cmp.compare(a, b, home, metric="answer_f1", min_gain=0.05)
+    assert (c.base.answer_f1, c.a.answer_f1, c.b.answer_f1) == (0.1, 0.5, 0.6)
+    assert c.verdict.better == "higher" and c.verdict.gain == pytest.approx(0.2) and c.verdict.b_pays
+    assert c.to_json()["sides"]["A"]["answer_f1"] == 0.5
+    fake_train(b, home)  # a newer version of B without a learning report
+    c = cmp.compare(a, b, home, metric="answer_f1", min_gain=0.05)
+    assert c.b.answer_f1 is None and c.verdict.gain is None and not c.verdict.b_pays
+    assert "answer_f1 is missing" in c.verdict.reason
+
+
 def test_compare_notes_a_stale_side_and_train_retrains_it(
     home: Path, tmp_path: Path, no_torch_scoring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -546,7 +571,7 @@ def test_compare_stops_when_training_is_interrupted(
 
 def test_compare_and_plot_import_nothing_heavy() -> None:
     code = (
-        "import sys, dlm.use.compare, dlm.cli.plot\n"
+        "import sys, dlm.use.compare, dlm.use.verdict, dlm.cli.plot\n"
         "print(','.join(m for m in ('torch', 'transformers', 'peft', 'matplotlib', 'rich') if m in sys.modules))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from dlm.store.store import open_store, verify
+from dlm.store.integrity import verify
+from dlm.store.opening import open_store
 from tests.test_commands import DLM, write_doc
 
 pytestmark = pytest.mark.integration
@@ -237,12 +238,12 @@ def test_a_full_disk_gives_a_clear_error_and_corrupts_nothing(trained, home: Pat
     inside torch's checkpoint writer (which reports it as RuntimeError "... file write failed")."""
     import torch
 
-    from dlm.store import store as store_module
+    from dlm.store import durable
 
     doc, _ = trained
     manifest_path = home / "store" / dlm_id(doc) / "manifest.json"
     before = manifest_path.read_bytes()
-    real_write = store_module.write_json
+    real_write = durable.write_json
 
     def write_json(path, data):
         if (where == "manifest" and path.name == "manifest.json") or (
@@ -257,7 +258,7 @@ def test_a_full_disk_gives_a_clear_error_and_corrupts_nothing(trained, home: Pat
             "data/0: file write failed"
         )
 
-    monkeypatch.setattr(store_module, "write_json", write_json)
+    monkeypatch.setattr(durable, "write_json", write_json)
     if where == "checkpoint":
         monkeypatch.setattr(torch, "save", save)
     code, _, err = cli("--home", str(home), "train", str(doc))

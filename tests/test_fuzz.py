@@ -26,7 +26,7 @@ import string
 import typing
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
@@ -37,7 +37,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from dlm.doc.datafiles import read_doc  # noqa: E402
 from dlm.doc.grammar import parse_doc  # noqa: E402
-from dlm.doc.schema import SCHEMA_VERSION, Spec, Training, parse_spec  # noqa: E402
+from dlm.doc.schema import SCHEMA_VERSION, Adapter, Optimizer, Spec, Training, parse_spec  # noqa: E402
 from dlm.doc.text import normalise  # noqa: E402
 from dlm.errors import DlmError, DlmErrors  # noqa: E402
 from dlm.plan import corpus  # noqa: E402
@@ -648,17 +648,8 @@ STRANGE_KEYS = [
 ENUM_VALUES = [
     "auto",
     "all-linear",
-    "lora",
-    "qlora",
-    "dora",
-    "adamw_torch",
-    "adamw_torch_fused",
-    "adamw_8bit",
-    "paged_adamw_8bit",
-    "galore_adamw",
-    "galore_adamw_8bit",
-    "galore_adamw_layerwise",
-    "adafactor",
+    *get_args(Adapter),
+    *get_args(Optimizer),
     "bf16",
     "fp16",
     "fp32",

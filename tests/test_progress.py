@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlm.train.progress import EtaEstimator
+from dlm.train.progress import WARMUP_STEPS, EtaEstimator, steady_step_seconds
 
 
 def drive(
@@ -148,3 +148,12 @@ def test_uneven_steps_average_and_stalls_are_dropped():
     now += 40.0  # a 40 s stall (another job took the CPU)
     eta.step(10, now)
     assert eta.seconds_per_step() == pytest.approx(5.5 / 3)
+
+
+def test_steady_step_seconds_is_the_median_after_the_warmup_steps():
+    """The one definition the run summary, the `step_time` event and the benchmark share."""
+    assert WARMUP_STEPS == 2
+    assert steady_step_seconds([]) is None
+    assert steady_step_seconds([9.0, 9.0, 1.0, 2.0, 30.0]) == 2.0  # warm-up left out; the median ignores a stall
+    assert steady_step_seconds([9.0, 1.0]) == 5.0  # no step after the warm-up yet: all of them
+    assert steady_step_seconds([9.0, 1.0, 2.0], warmup=0) == 2.0

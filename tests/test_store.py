@@ -15,7 +15,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from dlm.errors import DlmError, RunError
-from dlm.store.store import check_safetensors, open_store, store_root, verify
+from dlm.store.integrity import check_safetensors, verify
+from dlm.store.opening import open_store
+from dlm.store.store import store_root
 
 ID, OTHER_ID = "01JC8Z3T6V7W8X9Y0Z1A2B3C4D", "01JC8Z3T6V7W8X9Y0Z1A2B3C4E"
 VERSIONS = {"torch": "2.4", "transformers": "5.0", "peft": "0.17", "trl": "1.0", "dlm": "0.1.0"}
@@ -133,7 +135,7 @@ def test_manifest_survives_a_crash_mid_write(store, tmp_path):
     code = textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
-        from dlm.store.store import open_store
+        from dlm.store.opening import open_store
         s = open_store(Path({str(store.root.parent.parent)!r}), {ID!r}, Path({str(store.source)!r}), "b")
         with s.lock():
             os.replace = lambda *a: os._exit(9)
@@ -433,7 +435,7 @@ def test_failed_pointer_write_leaves_no_version_behind(store, tmp_path, monkeypa
 HOLDER = """
 import sys
 from pathlib import Path
-from dlm.store.store import open_store
+from dlm.store.opening import open_store
 s = open_store(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), "b")
 with s.lock():
     print("locked", flush=True)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -118,7 +121,7 @@ def doctor(
         render.as_json(out, report) if json_out else render.environment(out, report)
         return
     if probe is None:
-        results = [diagnose(f, hw) for f in files]
+        results = [diagnose(f, hw, State.home) for f in files]
     if json_out:
         render.as_json(out, {"dlm": __version__, "hardware": hw.to_json(), "files": [r.to_json() for r in results]})
     else:
@@ -185,6 +188,14 @@ _NOTES = {  # training events worth a line above the progress bar
 }
 
 
+@dataclass
+class _Handlers:
+    """`dlm train`'s progress handlers: `on_plan` sets them once the plan (and so the step count) is known."""
+
+    on_step: Callable[..., None] | None = None
+    on_event: Callable[[str, dict], None] | None = None
+
+
 def _progress(view: render.TrainView, total: int):
     """on_step / on_event handlers feeding the steady-state ETA (progress.py) and drawing it."""
     import time
@@ -224,22 +235,16 @@ def train(
 
     hw = device.probe()
     quiet = State.verbosity < 0 or runs.rank() != 0
-    box: dict = {}
+    live = _Handlers()
+    with ExitStack() as stack:  # the progress view, once entered, is exited however the run ends
 
-    def on_plan(p) -> None:
-        if not quiet:
-            render.plan(out, p.doc.path, p.plan, p.base, hw, p.corpus)
-        box["view"] = render.TrainView(out if not quiet else Console(quiet=True), p.plan.estimates.optimizer_steps)
-        box["on_step"], box["on_event"] = _progress(box["view"], p.plan.estimates.optimizer_steps)
-        box["view"].__enter__()
+        def on_plan(p) -> None:
+            if not quiet:
+                render.plan(out, p.doc.path, p.plan, p.base, hw, p.corpus)
+            view = render.TrainView(out if not quiet else Console(quiet=True), p.plan.estimates.optimizer_steps)
+            live.on_step, live.on_event = _progress(view, p.plan.estimates.optimizer_steps)
+            stack.enter_context(view)
 
-    def on_step(*a) -> None:
-        box["on_step"](*a)
-
-    def on_event(kind, data) -> None:
-        box["on_event"](kind, data)
-
-    try:
         outcome = runs.train_document(
             file,
             State.home,
@@ -248,25 +253,47 @@ def train(
             resume=resume,
             fresh=fresh,
             on_plan=on_plan,
-            on_step=on_step,
-            on_event=on_event,
+            on_step=lambda *a: live.on_step(*a),
+            on_event=lambda kind, data: live.on_event(kind, data),
         )
-    finally:
-        if "view" in box:
-            box["view"].__exit__()
     if not quiet:
         render.trained(out, outcome, State.home)
     raise typer.Exit(130 if outcome.summary.status == "interrupted" else 0)
 
 
-@app.command()
-def prompt(
-    file: Annotated[Path, typer.Argument(help="The trained document.")],
-    text: Annotated[str, typer.Argument(help="The question or instruction.")],
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=8192, help="Most new tokens.")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, max=5.0, help="0 = greedy.")] = 0.0,
-) -> None:
-    """Answer with the current adapter merged into the base in memory (chat template as in training)."""
+def _questions(text: str | None, path: Path | None) -> list[str]:
+    """`dlm prompt`'s questions: TEXT, or one per line of --file or of stdin (TEXT `-`, or no TEXT
+    and stdin not a terminal); blank lines skipped."""
+    if text is not None and path is not None:
+        raise DlmError("give the questions one way: TEXT or --file, not both", "drop TEXT to read the file")
+    if text is not None and text != "-":
+        if not text.strip():
+            raise DlmError("the question is empty", 'for example: dlm prompt notes.dlm "What is a decorator?"')
+        return [text]
+    if path is not None:
+        try:
+            body, source = path.read_text("utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise DlmError(
+                f"cannot read the questions: {reason}", "pass a UTF-8 text file, one question per line", str(path)
+            ) from None
+    elif text == "-" or not sys.stdin.isatty():
+        body, source = sys.stdin.read(), "stdin"
+    else:
+        raise DlmError(
+            "no question", 'pass one (dlm prompt FILE "question"), --file PATH, or questions on stdin (TEXT -)'
+        )
+    questions = [line.strip() for line in body.splitlines() if line.strip()]
+    if not questions and source == "stdin":
+        raise DlmError("no questions on stdin", 'pipe one question per line, or pass one: dlm prompt FILE "question"')
+    if not questions:
+        raise DlmError("no questions in the file", "write one question per line (blank lines are skipped)", source)
+    return questions
+
+
+def _loaded_for(file: Path, *, adapter: bool, base: bool):
+    """The document's current version and its model, loaded once; a stale adapter is noted."""
     from dlm.store import current
     from dlm.train import basefolder
     from dlm.use import infer
@@ -275,12 +302,100 @@ def prompt(
     if cur.stale and State.verbosity >= 0:
         err.print(f"note: {file} changed since {cur.version_dir.name} was trained; `dlm train {file}` refreshes it")
     folder = basefolder.materialize(cur.prepared.base, State.home)
-    model, tok = infer.load_trained(cur.version_dir, folder, trust_remote_code=cur.prepared.spec.trust_remote_code)
-    out.print(
-        escape(infer.generate(model, tok, text, cur.prepared.spec.system_prompt, max_tokens, temperature)),
-        highlight=False,
-        soft_wrap=True,
+    trust = cur.prepared.spec.trust_remote_code
+    return cur, infer.load_for_answers(cur.version_dir, folder, adapter=adapter, base=base, trust_remote_code=trust)
+
+
+@app.command()
+def prompt(
+    file: Annotated[Path, typer.Argument(help="The trained document.")],
+    text: Annotated[
+        str | None,
+        typer.Argument(
+            help="The question; '-' reads one question per line from stdin (so does none, piped).", show_default=False
+        ),
+    ] = None,
+    questions_file: Annotated[
+        Path | None, typer.Option("--file", help="Questions, one per line (blank lines skipped).")
+    ] = None,
+    base: Annotated[bool, typer.Option("--base", help="Answer with the base alone (adapter off).")] = False,
+    side_by_side: Annotated[
+        bool, typer.Option("--side-by-side", help="The base's and the adapter's answers together for each question.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Stable JSON (docs/cli.md) instead of text.")] = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=8192, help="Most new tokens.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, max=5.0, help="0 = greedy.")] = 0.0,
+) -> None:
+    """Answer with the current adapter (or the base, or both), the chat template and system prompt as
+    in training; every question in one model load."""
+    from dlm.use import infer
+
+    if base and side_by_side:
+        raise DlmError(
+            "--side-by-side already shows the base's answers",
+            "use --side-by-side alone for both, --base alone for the base's",
+        )
+    questions = _questions(text, questions_file)
+    sides = ("base", "adapter") if side_by_side else ("base",) if base else ("adapter",)
+    cur, loaded = _loaded_for(file, adapter="adapter" in sides, base="base" in sides)
+    answers = infer.answer(
+        loaded,
+        questions,
+        cur.prepared.spec.system_prompt,
+        sides=sides,
+        max_new_tokens=max_tokens,
+        temperature=temperature,
     )
+    if json_out:
+        render.as_json(out, {"dlm_prompt": 1, "version": cur.version_dir.name, "stale": cur.stale, "answers": answers})
+    else:
+        render.answers(out, answers, sides)
+
+
+def _typed_lines(prompt: Callable[[], str]):
+    """Lines typed into `dlm chat`: after a prompt on a terminal, plain lines from a pipe; EOF ends."""
+    if not sys.stdin.isatty():
+        yield from iter(sys.stdin.readline, "")
+        return
+    while True:
+        try:
+            yield input(prompt())
+        except EOFError:
+            out.print()
+            return
+
+
+@app.command()
+def chat(
+    file: Annotated[Path, typer.Argument(help="The trained document.")],
+    system: Annotated[
+        str | None, typer.Option("--system", help="System prompt (default: the document's, as in training).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=8192, help="Most new tokens per answer.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, max=5.0, help="0 = greedy.")] = 0.0,
+) -> None:
+    """Talk with the current adapter, loaded once: /base switches it off, /adapter on, /reset forgets
+    the conversation, /system TEXT sets the system prompt, /quit (or EOF) ends."""
+    from dlm.use import infer
+
+    cur, loaded = _loaded_for(file, adapter=True, base=True)
+    session = infer.Chat(loaded, cur.prepared.spec.system_prompt if system is None else system, max_tokens, temperature)
+    if State.verbosity >= 0:
+        err.print(
+            f"chat with {cur.version_dir.name} of {escape(str(file))}; {infer.CHAT_HELP}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for line in _typed_lines(lambda: "> " if session.adapter else "base> "):
+        try:
+            turn = infer.chat_turn(session, line)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer; Ctrl-D or /quit ends the session
+            if not sys.stdin.isatty():
+                raise
+            turn = infer.Turn("note", "answer interrupted; the conversation is as it was")
+        if turn.kind == "quit":
+            break
+        render.chat_turn(out, err, turn)
 
 
 @app.command()
@@ -324,7 +439,11 @@ def compare(
     a: Annotated[Path, typer.Argument(help="The baseline document (the cheaper side, e.g. LoRA).")],
     b: Annotated[Path, typer.Argument(help="Its twin (e.g. DoRA), which must earn its extra cost.")],
     metric: Annotated[
-        str, typer.Option("--metric", help="eval_loss (lower is better) | delta_kl (higher is better).")
+        str,
+        typer.Option(
+            "--metric",
+            help="eval_loss (lower is better) | delta_kl | answer_f1 (the learning report's held-out answer F1; higher is better).",
+        ),
     ] = "eval_loss",
     min_gain: Annotated[float, typer.Option("--min-gain", help="B must beat A by this fraction (0.05 = 5%).")] = 0.05,
     gate: Annotated[bool, typer.Option("--gate", help="Exit 1 when B does not pay (for CI).")] = False,

@@ -2,7 +2,7 @@
 
 Four panels: both runs' training-loss curves (held-out loss points where the run evaluated), the
 held-out loss of base / A / B, delta_kl of A and B, and B's cost relative to A (ratios, 1 = same).
-The title is the verdict line. Owns nothing but drawing a `compare.Comparison`; matplotlib (Agg,
+The title is the verdict line. Owns nothing but drawing a `verdict.Comparison`; matplotlib (Agg,
 no display needed) is imported inside the function so the CLI stays instant.
 """
 
@@ -58,7 +58,7 @@ def comparison_png(comp: Any, path: str | Path) -> Path:
 
     # Bars start at 0 (honest heights); close values are told apart by the labels and B's gain in the title.
     def gain_of(metric: str) -> str:
-        from dlm.use.compare import relative_gain
+        from dlm.use.verdict import relative_gain
 
         g = relative_gain(metric, getattr(comp.a, metric), getattr(comp.b, metric))
         return "B vs A: -" if g is None else f"B vs A: {g:+.2%}" if math.isfinite(g) else f"B vs A: {g:+}"

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from dlm.errors import DlmError
 
@@ -61,9 +62,13 @@ def plan(console: Console, path: str, plan: Any, base: Any, hardware: Any, corpu
         f"({gib(hardware.memory_bytes)}, {hardware.cores} cores)",
         highlight=False,
     )
+    pinned = "; held out: the pinned sections" if corpus.n_pinned else ""
+    tokens = f"{'' if corpus.exact else '~'}{corpus.train_tokens} training tokens ({corpus.counted})"
     console.print(
-        f"corpus: {corpus.n_train} training / {corpus.n_heldout} held-out examples "
-        f"({corpus.n_prose} prose, {corpus.n_instruction} instruction), ~{corpus.train_tokens} tokens",
+        escape(
+            f"corpus: {corpus.n_train} training / {corpus.n_heldout} held-out examples "
+            f"({corpus.n_prose} prose, {corpus.n_instruction} instruction{pinned}), {tokens}"
+        ),
         highlight=False,
     )
     table = Table(title="decisions", title_justify="left", show_lines=False)
@@ -202,8 +207,27 @@ def trained(console: Console, outcome: Any, home: Any) -> None:
         f"done: {s.steps} steps in {duration(s.seconds)} ({steady}), peak memory {gib(s.peak_memory_bytes)}, {loss}",
         highlight=False,
     )
+    if s.learning:
+        learning(console, s.learning)
     console.print(f"version {outcome.version} -> {escape(str(store / 'adapter'))}", highlight=False)
     console.print(f"store: {escape(str(store))}", highlight=False)
+
+
+def learning(console: Console, report: dict[str, Any], examples: int = 0) -> None:
+    """The learning report's line, and (with `examples`) that many answers side by side."""
+    console.print(f"[bold]{escape(report['line'])}[/]", highlight=False, soft_wrap=True)
+    answers = [a for a in report.get("answers", []) if a["expected"]][:examples]
+    if not answers:
+        return
+    table = Table(title="trained questions: base vs adapter (greedy)", title_justify="left", show_lines=True)
+    for col in ("question", "document", "base", "adapter"):
+        table.add_column(col, overflow="fold")
+    for a in answers:
+        mark = "[green]" if a["f1"] >= 0.8 else "[red]"
+        table.add_row(
+            escape(a["question"]), escape(a["expected"]), escape(a["base"]), f"{mark}{escape(a['adapter'])}[/]"
+        )
+    console.print(table)
 
 
 def store_listing(console: Console, info: dict[str, Any]) -> None:
@@ -248,6 +272,8 @@ def store_listing(console: Console, info: dict[str, Any]) -> None:
     console.print(table)
     for v in info["versions"]:
         console.print(f"{v['version']}: {v['bytes'] / 2**20:.1f} MiB, run {v['run']}", highlight=False)
+        if v.get("learning"):
+            console.print(f"  {escape(v['learning']['line'])}", highlight=False, soft_wrap=True)
     for note in notes:
         console.print(escape(note), highlight=False, soft_wrap=True)
 
@@ -280,7 +306,9 @@ def comparison(console: Console, comp: Any) -> None:
         padding=(0, 1),
         collapse_padding=True,
     )
-    for col in ("side", "loss", "ppl", "delta_kl", "s/step", "train", "peak mem", "trainable", "size"):
+    f1 = any(s.answer_f1 is not None for s in comp.sides)  # a column only when a learning report has it
+    cols = ("side", "loss", "ppl", "delta_kl", *(("answer F1",) if f1 else ()), "s/step", "train", "peak mem")
+    for col in (*cols, "trainable", "size"):
         table.add_column(col, justify="left" if col == "side" else "right", no_wrap=True)
     for s in comp.sides:
         ppl = num(s.perplexity, ".2f" if (s.perplexity or 0) < 1000 else ".0f")
@@ -289,6 +317,7 @@ def comparison(console: Console, comp: Any) -> None:
             num(s.eval_loss, ".4f"),
             ppl,
             num(s.delta_kl, ".3g"),
+            *((num(s.answer_f1, ".2f"),) if f1 else ()),
             num(s.steady_step_seconds, ".3f"),
             duration(s.train_seconds) if s.train_seconds is not None else "-",
             gib(s.peak_memory_bytes) if s.peak_memory_bytes else "-",
@@ -333,3 +362,31 @@ def _count(n: int | None) -> str:
     if n is None:
         return "-"
     return f"{n:,}" if n < 100_000 else f"{n / 1e6:.2f}M"
+
+
+# --- answers -------------------------------------------------------------------------------------
+
+
+def answers(console: Console, rows: list[dict[str, str]], sides: tuple[str, ...]) -> None:
+    """`dlm prompt`: a single answer alone (as a script wants it); otherwise each question with its
+    answers under it, labelled by side when there are two. Answers print verbatim (no markup)."""
+    if len(rows) == 1 and len(sides) == 1:
+        console.print(Text(rows[0][sides[0]]), highlight=False, soft_wrap=True)
+        return
+    for i, row in enumerate(rows):
+        if i:
+            console.print()
+        console.print(Text("> " + row["question"], style="bold"), highlight=False, soft_wrap=True)
+        for side in sides:
+            label = (f"{side}: ", "dim") if len(sides) > 1 else ""
+            console.print(Text.assemble(label, row[side]), highlight=False, soft_wrap=True)
+
+
+def chat_turn(out: Console, err: Console, turn: Any) -> None:
+    """`dlm chat`: an answer on stdout, verbatim; a command's note, or an unknown command, on stderr."""
+    if turn.kind == "answer":
+        out.print(Text(turn.text), highlight=False, soft_wrap=True)
+    elif turn.kind == "note":
+        err.print(Text(turn.text, style="dim"), highlight=False, soft_wrap=True)
+    elif turn.kind == "unknown":
+        err.print(Text(turn.text, style="yellow"), highlight=False, soft_wrap=True)

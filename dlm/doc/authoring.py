@@ -26,10 +26,10 @@ training:
   lora_r: 8   # rank of the update; DoRA's edge is at low rank
   lora_alpha: 16   # scale = alpha / r = 2
   lora_dropout: 0.0   # 0 keeps DoRA on PEFT's fast path
-  target_modules: auto   # auto = the attention projections of the base
-  learning_rate: 2.0e-4   # LoRA wants ~10x a full fine-tune's rate
-  num_epochs: 3
   seed: 42
+  # Left out on purpose, so the measured defaults apply (docs/learning.md): target_modules (all-linear),
+  # learning_rate (1e-3) and num_epochs (the planner's budget: enough passes to learn the document,
+  # within a time budget; `dlm doctor` shows the choice and why). Write any of them to choose yourself.
 ---
 # {title}
 

@@ -57,15 +57,21 @@ class Training(_Frozen):
         "layer; branch = dropout on the low-rank branch only, base output reused (torchtune, mlx-lm)",
     )
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
-        "auto", description="the linear layers that get an adapter; auto = attention projections"
+        "all-linear",
+        description="the linear layers that get an adapter: all-linear = every linear layer of the blocks "
+        "(the default: it learned the fact documents of docs/learning.md), auto = attention projections",
     )
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
     optimizer: Optimizer = "adamw_torch"
     galore_rank: int = Field(128, ge=1, description="GaLore projection rank")
     galore_update_proj_gap: int = Field(200, ge=1, description="steps between GaLore projections")
     galore_scale: float = Field(0.25, gt=0, description="GaLore update scale")
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    num_epochs: float = Field(3, gt=0, le=10_000)
+    learning_rate: float = Field(
+        1e-3, gt=0, le=1, description="peak learning rate; 1e-3 learned the fact documents of docs/learning.md"
+    )
+    num_epochs: float = Field(
+        3, gt=0, le=10_000, description="passes over the data; unset (and no max_steps): the planner's budget"
+    )
     max_steps: int | None = Field(None, ge=1, description="overrides num_epochs when set")
     micro_batch_size: Literal["auto"] | int = Field("auto", description="rows per device per step")
     grad_accum: Literal["auto"] | int = Field("auto", description="micro batches per optimizer step")
@@ -83,6 +89,12 @@ class Training(_Frozen):
     save_steps: int | None = Field(None, ge=1)
     logging_steps: int = Field(1, ge=1)
     report_to: Literal["none", "tensorboard"] = "none"
+    report: int = Field(
+        32,
+        ge=0,
+        le=10_000,
+        description="training Q/A pairs answered (with every held-out one) in the learning report after a run; 0 = no report",
+    )
 
     @field_validator("micro_batch_size", "grad_accum")
     @classmethod

@@ -1,13 +1,16 @@
-"""Sections -> examples -> the deterministic held-out split. Pure text work: no I/O, no tokenizer.
+"""Sections -> examples -> the deterministic held-out split and the corpus's numbers. Pure text work.
 
 Each example's id is a hash of its kind and text, and whether it is held out is a function of
-(seed, id) alone, so adding examples never reshuffles the existing ones.
+(seed, id) and of how many examples of its kind there are, so adding examples rarely reshuffles the
+existing ones. Token counts come from outside (`dlm.plan.tokens`, with the base's tokenizer); without
+them each example's length is estimated from its characters.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,9 +21,22 @@ ExampleKind = Literal["prose", "instruction", "preference"]
 # of sequence_len, so example ids (and the split) survive a change of knobs.
 PROSE_CHUNK_CHARS = 1500
 # Planner's token estimate without a tokenizer: English BPE averages ~4 characters a token; 3.5
-# errs long. Chat-template tokens per instruction example are counted separately.
+# errs long. Other scripts are counted by their UTF-8 bytes: a byte-level BPE never makes more
+# tokens than bytes, and SmolLM2 makes ~1.8 bytes a token of Chinese, Japanese, Cyrillic or emoji
+# (120 tokens for 219 bytes of Chinese); 1.75 errs long. Chat-template tokens per instruction
+# example are counted separately.
 CHARS_PER_TOKEN = 3.5
+NON_ASCII_BYTES_PER_TOKEN = 1.75
 TEMPLATE_TOKENS = 24
+# A kind of example holds any out only when its share, n x eval_fraction, comes to at least half an
+# example (5 or more at the default 0.1): rounding that share to a whole number never gives 0.
+MIN_HELDOUT_SHARE = 0.5
+
+
+def estimate_tokens(text: str) -> float:
+    """Tokens of `text` without a tokenizer: ASCII at 3.5 characters a token, the rest by UTF-8 bytes."""
+    non_ascii = sum(len(c.encode("utf-8")) for c in text if ord(c) > 127)
+    return (len(text) - sum(ord(c) > 127 for c in text)) / CHARS_PER_TOKEN + non_ascii / NON_ASCII_BYTES_PER_TOKEN
 
 
 @dataclass(frozen=True)
@@ -37,27 +53,39 @@ class Example:
     pinned_heldout: bool = False
 
     @property
-    def chars(self) -> int:
-        return len(self.text) + len(self.prompt) + len(self.completion)
-
-    @property
     def est_tokens(self) -> int:
         extra = TEMPLATE_TOKENS if self.kind != "prose" else 1
-        return int(self.chars / CHARS_PER_TOKEN) + extra
+        return int(estimate_tokens(self.text + self.prompt + self.completion)) + extra
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
 
 
 @dataclass(frozen=True)
 class CorpusStats:
     n_train: int
     n_heldout: int
-    train_tokens: int  # estimated, see CHARS_PER_TOKEN
-    max_tokens: int  # longest example, estimated
+    train_tokens: int  # training examples' tokens: exact when `exact`, else estimated (est_tokens)
+    max_tokens: int  # the longest example, training or held-out (both are cut at sequence_len)
     n_prose: int
     n_instruction: int
+    exact: bool = False  # counted with the base's own tokenizer, as training tokenises them
+    counted_with: str = ""  # the base whose tokenizer counted (exact), or why the counts are estimated
+    lengths: tuple[tuple[int, str], ...] = ()  # (tokens, "path:line") per example, training then held-out
+    n_pinned: int = 0  # held-out examples from pinned `heldout` sections (then nothing else is held out)
+    kept_whole: tuple[tuple[str, int], ...] = ()  # (kind, n): too few of that kind to hold any out
 
     @property
     def mean_tokens(self) -> float:
         return self.train_tokens / self.n_train if self.n_train else 0.0
+
+    @property
+    def counted(self) -> str:
+        """How the token counts were made, for reasons and headers."""
+        if self.exact:
+            return f"counted with {self.counted_with}'s tokenizer"
+        return "estimated" + (f": {self.counted_with}" if self.counted_with else "")
 
 
 def _id(kind: str, *parts: str) -> str:
@@ -138,28 +166,72 @@ def _unit(seed: int, ex_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def _holds_out(n: int, eval_fraction: float) -> bool:
+    """Whether a kind with `n` examples gives any to the held-out set: it keeps at least one to train
+    on, and its share n x eval_fraction comes to at least half an example."""
+    return n >= 2 and n * eval_fraction >= MIN_HELDOUT_SHARE - 1e-9
+
+
+def kept_whole(exs: tuple[Example, ...], eval_fraction: float) -> tuple[tuple[str, int], ...]:
+    """(kind, n) of each kind that `split` trains on whole because it has too few examples to hold
+    any out (empty when pinned sections are the held-out set, or the fraction is 0)."""
+    if eval_fraction <= 0 or any(e.pinned_heldout for e in exs):
+        return ()
+    counts: dict[str, int] = {}
+    for e in exs:
+        counts[e.kind] = counts.get(e.kind, 0) + 1
+    return tuple((k, n) for k, n in counts.items() if not _holds_out(n, eval_fraction))
+
+
 def split(exs: tuple[Example, ...], seed: int, eval_fraction: float) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
-    """(train, heldout). Held out: pinned sections, plus each example whose (seed, id) hash falls
-    below `eval_fraction`. With a fraction > 0 and at least two examples, at least one is held out
-    (the lowest hash), so a small document still has something to judge on."""
-    if eval_fraction <= 0:
-        return tuple(e for e in exs if not e.pinned_heldout), tuple(e for e in exs if e.pinned_heldout)
-    held = {e.id for e in exs if e.pinned_heldout or _unit(seed, e.id) < eval_fraction}
-    if not held and len(exs) >= 2:
-        held = {min(exs, key=lambda e: _unit(seed, e.id)).id}
-    if len(held) == len(exs) and exs:  # never hold out everything
-        keep = max((e for e in exs if not e.pinned_heldout), key=lambda e: _unit(seed, e.id), default=None)
-        if keep is not None:
-            held.discard(keep.id)
+    """(train, heldout), in source order.
+
+    - Pinned sections (`::instruction heldout::`, `"heldout": true`) are the held-out set when there
+      are any: nothing else is drawn, as trainers do when given an explicit validation set.
+    - Otherwise each kind (prose, instruction, preference) is split on its own, so no kind is left
+      with nothing to train on: an example is held out when its (seed, id) hash falls below
+      `eval_fraction`; a kind whose share comes to half an example or more holds out at least one
+      (the lowest hash) and never all (the highest stays); a kind with fewer examples holds none out
+      (`kept_whole`, the `heldout-too-few` finding)."""
+    if any(e.pinned_heldout for e in exs):
+        held = {e.id for e in exs if e.pinned_heldout}
+    else:
+        held = set()
+        for kind in ("prose", "instruction", "preference"):
+            group = [e for e in exs if e.kind == kind]
+            if eval_fraction <= 0 or not _holds_out(len(group), eval_fraction):
+                continue
+            ranked = sorted(group, key=lambda e: _unit(seed, e.id))
+            drawn = [e for e in ranked[:-1] if _unit(seed, e.id) < eval_fraction] or ranked[:1]
+            held |= {e.id for e in drawn}
     return tuple(e for e in exs if e.id not in held), tuple(e for e in exs if e.id in held)
 
 
-def stats(train: tuple[Example, ...], heldout: tuple[Example, ...]) -> CorpusStats:
+def stats(
+    train: tuple[Example, ...],
+    heldout: tuple[Example, ...],
+    *,
+    eval_fraction: float = 0.0,
+    counts: Mapping[str, int] | None = None,
+    counted_with: str = "",
+) -> CorpusStats:
+    """The corpus's numbers. `counts` (example id -> tokens, from `dlm.plan.tokens`) makes them exact;
+    `counted_with` names the base whose tokenizer counted, or says why they are estimated."""
+
+    def tokens(e: Example) -> int:
+        return counts[e.id] if counts is not None else e.est_tokens
+
+    every = train + heldout
     return CorpusStats(
         n_train=len(train),
         n_heldout=len(heldout),
-        train_tokens=sum(e.est_tokens for e in train),
-        max_tokens=max((e.est_tokens for e in train), default=0),
+        train_tokens=sum(tokens(e) for e in train),
+        max_tokens=max((tokens(e) for e in every), default=0),
         n_prose=sum(e.kind == "prose" for e in train),
         n_instruction=sum(e.kind != "prose" for e in train),
+        exact=counts is not None,
+        counted_with=counted_with,
+        lengths=tuple((tokens(e), e.where) for e in every),
+        n_pinned=sum(e.pinned_heldout for e in heldout),
+        kept_whole=kept_whole(every, eval_fraction),
     )

@@ -38,12 +38,14 @@ class Diagnosis:
         return data
 
 
-def diagnose(path: Path, hardware: HardwareFacts) -> Diagnosis:
+def diagnose(path: Path, hardware: HardwareFacts, home: Path | None = None) -> Diagnosis:
+    """`dlm doctor FILE`: the plan as `dlm train` would make it under the same launcher (docs/scaling.md);
+    with `home`, tokens are counted with the base's own tokenizer whenever it is on disk (else estimated)."""
     from dlm.plan.hardware import launch_env
     from dlm.plan.prepare import prepare
 
-    world, sharding = launch_env()  # as `dlm train` would plan under the same launcher (docs/scaling.md)
-    p = prepare(path, hardware, world_size=world, sharding=sharding)
+    world, sharding = launch_env()
+    p = prepare(path, hardware, world_size=world, sharding=sharding, home=home)
     return Diagnosis(str(path), p.spec.dlm_id, p.base, p.corpus, p.plan)
 
 

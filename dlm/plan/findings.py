@@ -2,18 +2,24 @@
 
 `collect` turns the spec, the machine, the base, the corpus and what `make_plan` derived into a
 tuple of `Finding`s: each with a level, a stable code, a message, the fix and the numbers that
-triggered it. Thresholds and the figures behind them are documented in docs/doctor.md; a code, once
-shipped, never changes its meaning.
+triggered it. The rules are a few functions, one per level and theme, each adding what it finds.
+Thresholds and the figures behind them are documented in docs/doctor.md; a code, once shipped, never
+changes its meaning.
+
+Length (~450 lines, over the house's ~400): this is the one table of rules that docs/doctor.md
+mirrors row for row; split across modules it would be read in pieces. Every function is short.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dlm.doc.schema import Spec
 from dlm.plan.bases import BaseFacts
-from dlm.plan.corpus import CorpusStats
+from dlm.plan.corpus import MIN_HELDOUT_SHARE, CorpusStats
 from dlm.plan.hardware import HardwareFacts
 
 Level = Literal["info", "warn", "block"]
@@ -53,20 +59,31 @@ class Derived:
     checkpointing: bool = False
     purpose: str = "train"
     sharding: str = "none"  # none | fsdp | zero0..zero3
+    sequence_len: int = 0  # the decided max_length: longer examples are cut
+
+
+Add = Callable[..., None]  # add(level, code, message, hint, tag="", **evidence) records one Finding
 
 
 def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived) -> tuple[Finding, ...]:
-    t = spec.training
     out: list[Finding] = []
 
     def add(level: Level, code: str, message: str, hint: str, tag: str = "", **evidence: Any) -> None:
         out.append(Finding(level, code, message, hint, evidence, tag))
 
-    dora, qlora = t.adapter == "dora", t.adapter == "qlora"
-    galore = t.optimizer.startswith("galore")
-    cc = hw.compute_capability
+    for rules in _RULES:
+        rules(spec, hw, base, corpus, d, add)
+    return tuple(sorted(out, key=lambda f: _ORDER[f.level]))  # stable: rule order within a level
 
-    # --- blocks: the run would fail or do nothing --------------------------------------------
+
+# --- blocks: the run would fail or do nothing ----------------------------------------------------
+
+
+def _machine_blocks(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
+    """Blocks: the machine lacks what the spec needs (bitsandbytes, bf16 tensor cores)."""
+    t = spec.training
+    qlora = t.adapter == "qlora"
+    cc = hw.compute_capability
     if qlora and not hw.bitsandbytes:
         add(
             "block",
@@ -101,6 +118,12 @@ def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats,
                 compute_capability=list(cc) if cc else None,
                 device=hw.device,
             )
+
+
+def _setup_blocks(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
+    """Blocks: knobs that cannot run together, or not on this many processes."""
+    t = spec.training
+    galore = t.optimizer.startswith("galore")
     if t.optimizer == "galore_adamw_layerwise" and (d.grad_accum > 1 or d.world_size > 1):
         tag = f"grad_accum={d.grad_accum}" if d.grad_accum > 1 else f"world_size={d.world_size}"
         add(
@@ -134,6 +157,11 @@ def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats,
             world_size=d.world_size,
             device=hw.device,
         )
+
+
+def _fit_blocks(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
+    """Blocks: targets that match nothing, a peak that exceeds the budget."""
+    qlora = spec.training.adapter == "qlora"
     if d.missing_targets:
         add(
             "block",
@@ -166,7 +194,15 @@ def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats,
             micro_batch_size=d.micro_batch_size,
         )
 
-    # --- warnings: it runs, but a knob works against you -----------------------------------------
+
+# --- warnings: it runs, but a knob works against you -------------------------------------------
+
+
+def _speed_warnings(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
+    """Warnings: a knob that makes every step slower for nothing."""
+    t = spec.training
+    dora = t.adapter == "dora"
+    galore = t.optimizer.startswith("galore")
     if galore and base.n_params < GALORE_MIN_PARAMS:
         add(
             "warn",
@@ -210,6 +246,11 @@ def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats,
             "cpu",
             device=hw.device,
         )
+
+
+def _run_warnings(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
+    """Warnings: a run that will learn little, or runs code from the model."""
+    t = spec.training
     if t.learning_rate <= LORA_LOW_LR:  # every adapter here is a LoRA variant
         add(
             "warn",
@@ -241,7 +282,41 @@ def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats,
             trust_remote_code=True,
         )
 
-    # --- information: worth knowing, nothing to fix necessarily ---------------------------------
+
+def _corpus_warnings(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
+    """Warnings: examples the run will not see whole."""
+    cut = [(n, where) for n, where in corpus.lengths if n > d.sequence_len > 0]
+    if not cut:
+        return
+    (first_tokens, first), longest = cut[0], max(n for n, _ in cut)
+    t, ctx = spec.training, base.context_len
+    by_user = "sequence_len" in t.model_fields_set and t.sequence_len < ctx  # else the base's context cuts
+    add(
+        "warn",
+        "examples-truncated",
+        f"{len(cut)} example(s) are longer than sequence_len {d.sequence_len} and lose their end "
+        f"(loss and eval never see it); the first is {first} ({first_tokens} tokens, {corpus.counted})",
+        f"raise sequence_len to {min(longest, ctx)} or more, or remove the key so dlm fits the longest example "
+        f"(up to {base.name}'s context, {ctx}); or split the long examples"
+        if by_user
+        else f"{base.name} has no positions beyond its context of {ctx} tokens: split the long examples",
+        f"{len(cut)}>{d.sequence_len}",
+        n_truncated=len(cut),
+        sequence_len=d.sequence_len,
+        first=first,
+        first_tokens=first_tokens,
+        longest_tokens=longest,
+        exact=corpus.exact,
+    )
+
+
+# --- information: worth knowing, nothing to fix necessarily -----------------------------------
+
+
+def _dora_infos(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
+    """Information on DoRA: where its per-step tax is or is not worth paying."""
+    t = spec.training
+    dora = t.adapter == "dora"
     if dora and t.lora_r >= DORA_HIGH_RANK:
         add(
             "info",
@@ -279,6 +354,13 @@ def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats,
             "serve the merged model from `dlm export`, or call merge_and_unload() before generating",
             purpose=d.purpose,
         )
+
+
+def _run_infos(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
+    """Information: worth knowing, nothing to fix necessarily."""
+    t = spec.training
+    qlora = t.adapter == "qlora"
+    galore = t.optimizer.startswith("galore")
     if galore:
         add(
             "info",
@@ -307,12 +389,28 @@ def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats,
             sequence_len=t.sequence_len,
             context_len=base.context_len,
         )
+    if corpus.kept_whole and t.eval_fraction > 0:  # kept whole only by a hash split
+        names = {"prose": "prose piece", "instruction": "Q/A pair", "preference": "preference triple"}
+        kinds = " and ".join(f"{n} {names[kind]}{'s' if n > 1 else ''}" for kind, n in corpus.kept_whole)
+        needed = max(2, math.ceil(MIN_HELDOUT_SHARE / t.eval_fraction - 1e-9))
+        add(
+            "info",
+            "heldout-too-few",
+            f"too few examples of a kind to hold any out: {kinds} (a kind needs {needed} at eval_fraction "
+            f"{t.eval_fraction:g}), so all of them train",
+            "pin the examples to judge on with `::instruction heldout::` (they never train), or add examples",
+            kept_whole=dict(corpus.kept_whole),
+            eval_fraction=t.eval_fraction,
+            needed=needed,
+        )
     if corpus.n_heldout == 0:
         add(
             "info",
             "no-heldout",
-            "the held-out set is empty: no eval loss, and `dlm compare` cannot judge quality",
-            "keep eval_fraction above 0 (default 0.1) or pin a section with `::instruction heldout::`",
+            "the held-out set is empty: training reports no eval loss, and `dlm compare` needs held-out "
+            "examples to judge which adapter answers better",
+            "pin the examples to judge on with `::instruction heldout::` (they never train, and no others "
+            "are drawn), or keep eval_fraction above 0 (default 0.1) with enough examples of each kind",
             n_heldout=0,
             eval_fraction=t.eval_fraction,
         )
@@ -325,7 +423,19 @@ def collect(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats,
             n_params=base.n_params,
             threshold=DEMO_MAX_PARAMS,
         )
-    return tuple(sorted(out, key=lambda f: _ORDER[f.level]))  # stable: rule order within a level
+
+
+# What `collect` runs, in order: within a level, findings come out in the order their rules are written.
+_RULES = (
+    _machine_blocks,
+    _setup_blocks,
+    _fit_blocks,
+    _speed_warnings,
+    _run_warnings,
+    _corpus_warnings,
+    _dora_infos,
+    _run_infos,
+)
 
 
 def reason_line(head: dict[str, str], findings: tuple[Finding, ...]) -> str:

@@ -2,18 +2,19 @@
 
 This is the glue between the pure modules (doc -> schema -> corpus -> plan) and the commands, so
 `doctor`, `train`, `prompt` and `compare` all see one and the same plan. It reads files and configs
-but never loads weights or imports torch.
+(and the base's tokenizer, to count tokens) but never loads weights or imports torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dlm.doc.grammar import Doc
 from dlm.doc.schema import Spec, load_spec
 from dlm.errors import DlmError
-from dlm.plan import bases, corpus
+from dlm.plan import bases, corpus, tokens
 from dlm.plan.bases import BaseFacts
 from dlm.plan.corpus import CorpusStats, Example
 from dlm.plan.hardware import HardwareFacts
@@ -41,11 +42,17 @@ def prepare(
     purpose: str = "train",
     training_overrides: dict | None = None,
     sharding: str = "none",
+    home: Path | None = None,
+    base_folder: Callable[[BaseFacts], Path] | None = None,
 ) -> Prepared:
-    """Parse, validate, resolve the base, split the corpus and plan. Raises DlmError on bad input.
+    """Parse, validate, resolve the base, split the corpus, count its tokens and plan. Raises DlmError
+    on bad input.
 
     `training_overrides` replaces `training:` keys as if the document had written them (validated;
-    `dlm bench` uses it to plan the same document with other knobs)."""
+    `dlm bench` uses it to plan the same document with other knobs). Token counts are exact (the
+    base's own tokenizer, `dlm.plan.tokens`) when `base_folder` makes the base's folder (`dlm train`
+    passes `dlm.train.basefolder.materialize`), or when `home` ($DLM_HOME) is given and the base's
+    tokenizer is already on disk (`dlm doctor`); otherwise they are estimated and the plan says so."""
     doc, spec = load_spec(path)
     if max_steps is not None:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"max_steps": max_steps})})
@@ -63,7 +70,29 @@ def prepare(
         raise
     examples = corpus.examples(doc, spec.system_prompt)
     train, heldout = corpus.split(examples, spec.training.seed, spec.training.eval_fraction)
-    if not train:
+    _check_something_trains(doc, train, heldout)
+    counts, why = None, "the base's tokenizer was not looked for"
+    if base_folder is not None or home is not None:
+        folder = base_folder(base) if base_folder is not None else None
+        counts, why = tokens.count(base, train + heldout, home=home, folder=folder, cache_name=spec.dlm_id)
+    stats = corpus.stats(
+        train,
+        heldout,
+        eval_fraction=spec.training.eval_fraction,
+        counts=counts,
+        counted_with=base.name if counts is not None else why,
+    )
+    plan = make_plan(spec, hardware, base, stats, world_size=world_size, purpose=purpose, sharding=sharding)
+    return Prepared(doc, spec, base, train, heldout, stats, hardware, plan)
+
+
+def _check_something_trains(doc: Doc, train: tuple[Example, ...], heldout: tuple[Example, ...]) -> None:
+    """A document with nothing to train on is bad input, at the line that explains it. A title above
+    held-out sections is prose too, but training on headings alone would be a silently empty run."""
+    pinned = [e for e in heldout if e.pinned_heldout]
+    if any(not _headings_only(e) for e in train) or (train and not pinned):
+        return
+    if not pinned:  # so nothing at all: no example trains, and none was pinned
         raise DlmError(
             "the document has no training examples",
             "write prose below the frontmatter, or an ::instruction:: section with ### Q / ### A pairs",
@@ -71,6 +100,18 @@ def prepare(
             doc.body_line,
             1,
         )
-    stats = corpus.stats(train, heldout)
-    plan = make_plan(spec, hardware, base, stats, world_size=world_size, purpose=purpose, sharding=sharding)
-    return Prepared(doc, spec, base, train, heldout, stats, hardware, plan)
+    first = next((s for s in doc.sections if s.heldout), None)
+    path, line = (first.path, first.line) if first is not None else (pinned[0].source, pinned[0].line)
+    raise DlmError(
+        f"every example of the document is held out ({len(pinned)} in `heldout` sections or rows): "
+        f"nothing {'but headings ' if train else ''}is left to train on",
+        "held-out examples only judge the adapter; write the examples to learn from in sections without "
+        "`heldout` (::instruction::, ::prose::), or remove `heldout` from this one",
+        path,
+        line,
+        1,
+    )
+
+
+def _headings_only(e: Example) -> bool:
+    return e.kind == "prose" and all(line.lstrip().startswith("#") for line in e.text.splitlines() if line.strip())

@@ -17,7 +17,8 @@ from dlm.errors import RunError
 from dlm.plan.hardware import HardwareFacts, probe_light
 from dlm.plan.prepare import Prepared, prepare
 from dlm.store.integrity import verify
-from dlm.store.store import Store, open_store
+from dlm.store.opening import open_store
+from dlm.store.store import Store
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,7 @@ def describe(path: str | Path, home: Path) -> dict[str, Any]:
         damage = exc.render()
     versions = []
     for v in store.versions():
-        try:
-            summary = json.loads((v / "summary.json").read_text("utf-8"))
-        except (OSError, ValueError):
-            summary = {}
+        summary, metrics = _read_json(v / "summary.json"), _read_json(v / "metrics.json")
         versions.append(
             {
                 "version": v.name,
@@ -95,6 +93,7 @@ def describe(path: str | Path, home: Path) -> dict[str, Any]:
                 "run": summary.get("run"),
                 "doc_sha256": summary.get("doc_sha256"),
                 "bytes": sum(p.stat().st_size for p in v.rglob("*") if p.is_file()),
+                "learning": metrics.get("learning"),  # the learning report (null: none was made)
             }
         )
     current_summary = next((v for v in versions if folder is not None and v["version"] == folder.name), None)
@@ -110,3 +109,13 @@ def describe(path: str | Path, home: Path) -> dict[str, Any]:
         "versions": versions,
         "runs": manifest["runs"],
     }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A version's JSON document, or {} when it is missing or unreadable (older versions have no
+    metrics.json; a damaged one is reported by `verify`, not here)."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

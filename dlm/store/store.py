@@ -6,15 +6,16 @@ beside `versions/`, checked (complete, finite safetensors; sha256 of every file 
 and renamed into place whole; only then does `adapter` move, by renaming a fresh symlink over it.
 Mutations happen under the store's lock (`with store.lock(): ...`), held by rank 0 only; other
 ranks and readers open the store with `readonly=True`. JSON everywhere, never pickle.
+
+This module owns the `Store` class; `opening` finds or creates a store and refuses a second document
+claiming its id, `assembly` builds a version folder, `durable` writes JSON, `checkpoints` picks the
+checkpoint a resume starts from.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import errno
 import json
-import math
 import os
 import re
 import shutil
@@ -25,29 +26,16 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from dlm.errors import DlmError, RunError
-from dlm.fsutil import atomic_write
-from dlm.store.integrity import CHECKSUMS, check_safetensors, listed_files, sha256_file, verify
+from dlm.store import durable
+from dlm.store.assembly import assemble_version, check_staged
+from dlm.store.checkpoints import latest_checkpoint
+from dlm.store.integrity import CHECKSUMS, verify
 
 STORE_FORMAT = 1  # bumped only with a migration; a newer store is refused, never half-read
 MANIFEST, POINTER = "manifest.json", "adapter"
 ENDED = ("ok", "failed", "interrupted")
 _SAFE_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # ULIDs and run ids; never a path
 _VERSION = re.compile(r"v\d{4,}")
-_DOC_NAME = re.compile(r"[a-z][a-z0-9_]*")
-_DLM_ID_LINE = re.compile(r"""^dlm_id[ \t]*:[ \t]*["']?([^\s"'#]+)""", re.M)
-
-__all__ = [
-    "CHECKSUMS",
-    "ENDED",
-    "MANIFEST",
-    "POINTER",
-    "Store",
-    "check_safetensors",
-    "open_store",
-    "store_root",
-    "verify",
-    "write_json",
-]
 
 
 def store_root(home: Path, dlm_id: str) -> Path:
@@ -55,36 +43,6 @@ def store_root(home: Path, dlm_id: str) -> Path:
     if not _SAFE_ID.fullmatch(dlm_id):
         raise DlmError(f"dlm_id {dlm_id!r} cannot name a store folder", "`dlm init` mints a valid one (a ULID)")
     return Path(home) / "store" / dlm_id
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Readers see the old file or the new one, never half of either (strict JSON: no NaN)."""
-    atomic_write(path, json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    _fsync_dir(path.parent)
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf are not JSON; a metric that blew up is recorded as null (the run's message says why)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a folder
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------- the store
@@ -171,20 +129,15 @@ class Store:
         """For --resume: the newest complete `checkpoint-N` of the newest unfinished run, or None.
 
         Runs are walked newest first; one that finished (status ok, or a committed version) ends the
-        search, since resuming anything older would undo it. A checkpoint counts once the Trainer has
-        written its `trainer_state.json`, so a save cut short is skipped.
+        search, since resuming anything older would undo it. Within a run, `checkpoints.latest_checkpoint`
+        skips a save cut short (no complete `trainer_state.json`).
         """
         for run in reversed(self.load_manifest()["runs"]):
             if run.get("status") == "ok" or run.get("version"):
                 return None
-            folder = self.run_dir(run["run"]) / "checkpoints"
-            done = [
-                (int(p.name[11:]), p)
-                for p in folder.glob("checkpoint-*")
-                if p.name[11:].isdigit() and _complete_checkpoint(p)
-            ]
-            if done:
-                return max(done)[1]
+            found = latest_checkpoint(self.run_dir(run["run"]) / "checkpoints")
+            if found is not None:
+                return found
         return None
 
     # -- locking
@@ -281,7 +234,7 @@ class Store:
                     "run": run_id,
                     "version": None,
                     "status": "running",
-                    "started": now_iso(),
+                    "started": durable.now_iso(),
                     "ended": None,
                     "doc_sha256": doc_sha256,
                     "base": self.base,
@@ -312,48 +265,14 @@ class Store:
         if self.run(run_id)["status"] != "running":
             raise ValueError(f"run {run_id} has already ended")
         staged = Path(staged_dir)
-        tensors = sorted(staged.rglob("*.safetensors")) if staged.is_dir() else []
-        if not tensors:
-            raise RunError(
-                f"refusing to keep {staged}: it holds no .safetensors adapter file",
-                "the adapter was not saved; train again or `--resume`",
-                str(staged),
-            )
-        pickles = [p.name for p in staged.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
-        if pickles:
-            raise RunError(f"refusing to keep {staged}: pickled files {pickles}", "save adapters as safetensors")
-        for path in tensors:
-            check_safetensors(path)
+        check_staged(staged)
         versions = self.root / "versions"
         versions.mkdir(parents=True, exist_ok=True)
         # Never reuse a number, even of a version deleted by hand: the manifest may still name it.
         used = [p.name for p in self.versions()] + [r["version"] or "v0" for r in self.load_manifest()["runs"]]
         name = f"v{max(int(v[1:]) for v in ['v0', *used]) + 1:04d}"
         tmp = versions / f".{name}.tmp"
-        moved = _move_or_copy(staged, tmp)
-        try:
-            for key, value in (documents or {}).items():
-                if not _DOC_NAME.fullmatch(key):
-                    raise ValueError(f"not a document name: {key!r}")
-                write_json(tmp / f"{key}.json", value)
-            if not (tmp / "summary.json").exists():
-                write_json(tmp / "summary.json", {"run": run_id, "version": name, "metrics": dict(metrics)})
-            log = self.run_dir(run_id) / "log.jsonl"
-            if log.is_file() and not (tmp / "log.jsonl").exists():
-                shutil.copyfile(log, tmp / "log.jsonl")
-            files = {
-                p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p, sync=True), "bytes": p.stat().st_size}
-                for p in listed_files(tmp)
-            }
-            write_json(tmp / CHECKSUMS, {"run": run_id, "version": name, "created": now_iso(), "files": files})
-            os.replace(tmp, versions / name)  # the whole folder appears at once
-            _fsync_dir(versions)
-        except BaseException:
-            if moved:
-                with contextlib.suppress(OSError):
-                    os.replace(tmp, staged)  # give the caller its adapter back
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        moved = assemble_version(staged, versions, name, run_id, metrics, documents, self.run_dir(run_id) / "log.jsonl")
         try:
             verify(versions / name)
             self._point(name)
@@ -387,7 +306,7 @@ class Store:
 
         def close(m: dict[str, Any]) -> None:
             run = _find_run(m, run_id)
-            run.update(status=status, ended=now_iso(), message=message)
+            run.update(status=status, ended=durable.now_iso(), message=message)
             run["metrics"].update(metrics or {})
 
         self._update(close)
@@ -411,7 +330,7 @@ class Store:
             "dlm_id": self.dlm_id,
             "source": str(self.source) if self.source else None,
             "base": self.base,
-            "created": now_iso(),
+            "created": durable.now_iso(),
             "current": None,
             "runs": [],
         }
@@ -421,7 +340,7 @@ class Store:
         before = json.dumps(manifest, sort_keys=True)
         result = change(manifest)
         if json.dumps(manifest, sort_keys=True) != before or not (self.root / MANIFEST).exists():
-            write_json(self.root / MANIFEST, manifest)
+            durable.write_json(self.root / MANIFEST, manifest)
         return result
 
     def _point(self, name: str) -> None:
@@ -437,7 +356,7 @@ class Store:
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, link)
-        _fsync_dir(self.root)
+        durable.fsync_dir(self.root)
 
     def _writable(self) -> None:
         if self.readonly:
@@ -449,85 +368,8 @@ class Store:
             raise RuntimeError("store mutations need `with store.lock():`")
 
 
-def open_store(home: Path, dlm_id: str, source_path: Path | None, base: str | None, *, readonly: bool = False) -> Store:
-    """Create or load the store of `dlm_id` for the document at `source_path`.
-
-    Two different files claiming one dlm_id never share a store: if the manifest's recorded source
-    still exists and still carries this dlm_id, DlmError (exit 2). If it is gone (or now carries
-    another id), the document was moved or re-identified and the new path is adopted.
-    """
-    root = store_root(home, dlm_id)
-    source = Path(source_path).resolve() if source_path is not None else None
-    store = Store(root, dlm_id, source, base, readonly)
-    if not (root / MANIFEST).exists():
-        if not readonly:
-            for sub in ("versions", "runs"):
-                (root / sub).mkdir(parents=True, exist_ok=True)
-            store._update(lambda m: None)  # writes the fresh manifest (or says why an old store is broken)
-        return store
-    recorded = store.load_manifest().get("source")
-    if source is None or not recorded or _same_file(Path(recorded), source):
-        return store
-    other = Path(recorded)
-    if _claims(other, dlm_id):
-        raise DlmError(
-            f"another document, {other}, already uses dlm_id {dlm_id}",
-            f"`dlm twin {source} -o NEW.dlm` gives a copy its own id, or restore the original id",
-            str(source),
-        )
-    if not readonly:
-        with contextlib.suppress(RunError), store.lock():
-            pass  # the lock's reconcile records the new path; a running trainer will record it itself
-    return store
-
-
 def _find_run(manifest: dict[str, Any], run_id: str) -> dict[str, Any]:
     for run in manifest["runs"]:
         if run["run"] == run_id:
             return run
     raise ValueError(f"no run {run_id!r} in this store")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
-def _claims(path: Path, dlm_id: str) -> bool:
-    """Does the document at `path` still carry `dlm_id`? Unreadable counts as yes (never share silently)."""
-    if not path.is_file():
-        return False
-    try:
-        with path.open("r", encoding="utf-8", errors="replace") as fh:
-            text = fh.read(1 << 16).replace("\r\n", "\n").lstrip("\ufeff")
-    except OSError:
-        return True
-    if text.startswith("---"):  # a .dlm: only the frontmatter counts
-        head, sep, _ = text[3:].partition("\n---")
-        text = head if sep else text
-    found = _DLM_ID_LINE.search(text)
-    return bool(found) and found.group(1) == dlm_id
-
-
-def _complete_checkpoint(folder: Path) -> bool:
-    """A Trainer checkpoint is whole once its `trainer_state.json` (written last) parses: a process
-    killed while writing it leaves a truncated file, which must not be resumed from."""
-    try:
-        state = json.loads((folder / "trainer_state.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and isinstance(state.get("global_step"), int)
-
-
-def _move_or_copy(src: Path, dst: Path) -> bool:
-    """Rename `src` to `dst` (True); across file systems, copy it instead (False)."""
-    try:
-        os.rename(src, dst)
-        return True
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-    shutil.copytree(src, dst)
-    return False

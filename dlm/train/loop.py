@@ -1,8 +1,9 @@
 """The plumbing around the Trainer's loop, for `dlm.train.run`: the progress callback, signals, quiet bars.
 
+- `LoopState`: what the callback, the signal handlers and `run` share during one run.
 - `progress_callback`: a `TrainerCallback` that times every optimizer step, writes `log.jsonl`,
-  forwards progress (`on_step`, `on_event`; the kinds are listed in `dlm.train`'s docstring) and turns
-  a received signal into "save a checkpoint and stop" at the next step boundary, on every rank.
+  forwards progress (`on_step`, `on_event`; the kinds are listed in `dlm.train.run`'s docstring) and
+  turns a received signal into "save a checkpoint and stop" at the next step boundary, on every rank.
 - `stop_on_signals`: SIGINT / SIGTERM handlers for the duration of a run.
 - `quiet_progress`: the libraries' own tqdm bars and deprecation chatter off for a block.
 - `trim_log`: on resume, the log lines of steps that will be redone are dropped.
@@ -15,18 +16,53 @@ from __future__ import annotations
 import json
 import math
 import signal
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dlm.train.progress import steady_step_seconds
+
 OnStep = Callable[[int, int, "float | None", int, float], None]
 OnEvent = Callable[[str, dict], None]
-WARMUP_STEPS = 2  # steps left out of the steady-state step time (allocation, first-touch costs)
 SECOND_SIGNAL_S = 1.0  # a repeat SIGINT sooner than this is the same Ctrl-C, forwarded by a launcher
+
+
+@dataclass
+class LoopState:
+    """One run's training state, written by the progress callback and the signal handlers, read by `run`.
+
+    Mutable on purpose: the Trainer calls the callback from inside its loop, and a signal handler can
+    only leave a mark for the next step boundary.
+    """
+
+    loss: float | None = None  # the latest logged training loss (None before the first log)
+    tokens: int = 0  # tokens seen so far, from TRL's `num_tokens` at the latest log
+    t_log: float = 0.0  # seconds since training began, at the latest loss log (for tokens/s)
+    step_times: list[float] = field(default_factory=list)  # each optimizer step's compute seconds
+    checkpoint: str | None = None  # the newest checkpoint folder (the one resumed from, until a save)
+    signal: int | None = None  # the first SIGINT / SIGTERM received, or None
+    signal_at: float = 0.0  # when it came (`time.monotonic`)
+    interrupted: bool = False  # stopped on a signal: a checkpoint was saved at a step boundary
+    failed: str | None = None  # why the run failed (a non-finite loss), or None
+    t_train: float | None = None  # `time.monotonic()` when training began
+    t_step: float = 0.0  # `time.perf_counter()` when the step under way began
+    t_mark: float | None = None  # `time.perf_counter()` when the last step or pause ended
+
+
+def _elapsed(loop: LoopState) -> float:
+    """Wall seconds since training began (0 before it has)."""
+    return 0.0 if loop.t_train is None else time.monotonic() - loop.t_train
+
+
+def _since_mark(loop: LoopState) -> float:
+    """Seconds since the last step ended (or the last pause): the pause that just ended."""
+    now = time.perf_counter()
+    seconds, loop.t_mark = now - (now if loop.t_mark is None else loop.t_mark), now
+    return seconds
 
 
 def trim_log(log_path: Path, upto_step: int) -> None:
@@ -37,85 +73,85 @@ def trim_log(log_path: Path, upto_step: int) -> None:
     log_path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def progress_callback(state_box: dict, log_path: Path, on_step: OnStep | None, on_event: OnEvent) -> Any:
+def progress_callback(loop: LoopState, log_path: Path, on_step: OnStep | None, on_event: OnEvent) -> Any:
     """A TrainerCallback that times steps, writes log.jsonl, forwards progress and obeys signals."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            state_box["t_train"] = time.monotonic()
+            loop.t_train = time.monotonic()
             on_event("train_begin", {"step": state.global_step, "max_steps": state.max_steps})
 
         def on_step_begin(self, args, state, control, **kw):
-            state_box["t_step"] = time.perf_counter()
+            loop.t_step = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            state_box["t_mark"] = time.perf_counter()
-            dt = state_box["t_mark"] - state_box["t_step"]
-            state_box["step_times"].append(dt)
-            steady = state_box["step_times"][WARMUP_STEPS:] or state_box["step_times"]
-            on_event("step_time", {"step": state.global_step, "seconds": dt, "steady": statistics.median(steady)})
-            if _any_rank(state_box["signal"] is not None, args):
+            loop.t_mark = time.perf_counter()
+            dt = loop.t_mark - loop.t_step
+            loop.step_times.append(dt)
+            on_event(
+                "step_time", {"step": state.global_step, "seconds": dt, "steady": steady_step_seconds(loop.step_times)}
+            )
+            if _any_rank(loop.signal is not None, args):
                 # Save here, at a step boundary, and stop: the Trainer writes a full checkpoint.
                 control.should_save = True
                 control.should_training_stop = True
-                state_box["interrupted"] = True
+                loop.interrupted = True
             if not control.should_log and on_step is not None:  # logged steps report from on_log with their loss
-                on_step(state.global_step, state.max_steps, state_box["loss"], state_box["tokens"], self._elapsed())
+                on_step(state.global_step, state.max_steps, loop.loss, loop.tokens, _elapsed(loop))
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
-            now = self._elapsed()
+            now = _elapsed(loop)
             entry: dict[str, Any] = {"step": state.global_step, "seconds": round(now, 3)}
             if "loss" in logs:
-                loss = float(logs["loss"])
-                tokens = int(logs.get("num_tokens", state_box["tokens"]))
-                # After a resume TRL's counter restarts at 0: count from there, never backwards.
-                dtok = tokens - state_box["tokens"] if tokens >= state_box["tokens"] else tokens
-                dsec = now - state_box["t_log"]
-                entry.update(
-                    loss=loss,
-                    lr=logs.get("learning_rate"),
-                    grad_norm=logs.get("grad_norm"),
-                    tokens=tokens,
-                    tokens_per_s=round(dtok / dsec, 1) if dsec > 0 else None,
-                    epoch=logs.get("epoch"),
-                )
-                state_box.update(loss=loss, tokens=tokens, t_log=now)
-                if not math.isfinite(loss):
-                    state_box["failed"] = f"training loss became {loss} at step {state.global_step}"
+                entry.update(_take_loss(loop, logs, now))
+                if not math.isfinite(entry["loss"]):
+                    loop.failed = f"training loss became {entry['loss']} at step {state.global_step}"
                     control.should_training_stop = True
             entry.update({k: v for k, v in logs.items() if k.startswith("eval_")})
             if len(entry) > 2:
-                # Strict JSON: a NaN/inf loss is written as null (the run's message says what it was).
-                clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}
-                with log_path.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(clean, allow_nan=False) + "\n")
+                _append_log(log_path, entry)
                 on_event("log", entry)
             if "loss" in logs and on_step is not None:
-                on_step(state.global_step, state.max_steps, state_box["loss"], state_box["tokens"], now)
+                on_step(state.global_step, state.max_steps, loop.loss, loop.tokens, now)
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
-            on_event("pause", {"kind": "eval", "seconds": self._since_mark(), "step": state.global_step})
+            on_event("pause", {"kind": "eval", "seconds": _since_mark(loop), "step": state.global_step})
 
         def on_save(self, args, state, control, **kw):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            state_box["checkpoint"] = str(path)
-            on_event("pause", {"kind": "checkpoint", "seconds": self._since_mark(), "step": state.global_step})
+            loop.checkpoint = str(path)
+            on_event("pause", {"kind": "checkpoint", "seconds": _since_mark(loop), "step": state.global_step})
             on_event("checkpoint", {"path": str(path), "step": state.global_step})
 
-        @staticmethod
-        def _since_mark() -> float:
-            """Seconds since the last step ended (or the last pause): the pause that just ended."""
-            now = time.perf_counter()
-            seconds, state_box["t_mark"] = now - state_box.get("t_mark", now), now
-            return seconds
-
-        @staticmethod
-        def _elapsed() -> float:
-            return time.monotonic() - state_box.get("t_train", time.monotonic())
-
     return Progress()
+
+
+def _take_loss(loop: LoopState, logs: dict[str, Any], now: float) -> dict[str, Any]:
+    """A training-loss log's fields for log.jsonl, tokens/s since the previous one; `loop` takes the
+    new loss, token count and time."""
+    loss = float(logs["loss"])
+    tokens = int(logs.get("num_tokens", loop.tokens))
+    # After a resume TRL's counter restarts at 0: count from there, never backwards.
+    dtok = tokens - loop.tokens if tokens >= loop.tokens else tokens
+    dsec = now - loop.t_log
+    loop.loss, loop.tokens, loop.t_log = loss, tokens, now
+    return {
+        "loss": loss,
+        "lr": logs.get("learning_rate"),
+        "grad_norm": logs.get("grad_norm"),
+        "tokens": tokens,
+        "tokens_per_s": round(dtok / dsec, 1) if dsec > 0 else None,
+        "epoch": logs.get("epoch"),
+    }
+
+
+def _append_log(log_path: Path, entry: dict[str, Any]) -> None:
+    """One line of log.jsonl. Strict JSON: a NaN/inf loss is written as null (the run's message says what it was)."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}
+    with log_path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
 def _any_rank(flag: bool, args: Any) -> bool:
@@ -161,23 +197,23 @@ def quiet_progress() -> Iterator[None]:
 
 
 @contextmanager
-def stop_on_signals(state_box: dict, on_event: OnEvent) -> Iterator[None]:
-    """SIGINT/SIGTERM -> `state_box["signal"]`, which the progress callback turns into "save a
-    checkpoint and stop" at the next step boundary; a second SIGINT aborts at once. The previous
-    handlers come back afterwards. Python only delivers signals to the main thread: elsewhere the
-    block runs without handlers."""
+def stop_on_signals(loop: LoopState, on_event: OnEvent) -> Iterator[None]:
+    """SIGINT/SIGTERM -> `loop.signal`, which the progress callback turns into "save a checkpoint and
+    stop" at the next step boundary; a second SIGINT aborts at once. The previous handlers come back
+    afterwards. Python only delivers signals to the main thread: elsewhere the block runs without
+    handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        if state_box["signal"] is not None:
+        if loop.signal is not None:
             # A launcher (torchrun, accelerate) forwards the terminal's Ctrl-C, so one keypress can
             # arrive twice within moments: only a second SIGINT a while later means "abort now".
-            if signum == signal.SIGINT and time.monotonic() - state_box.get("signal_at", 0.0) > SECOND_SIGNAL_S:
+            if signum == signal.SIGINT and time.monotonic() - loop.signal_at > SECOND_SIGNAL_S:
                 raise KeyboardInterrupt
             return
-        state_box["signal"], state_box["signal_at"] = signum, time.monotonic()
+        loop.signal, loop.signal_at = signum, time.monotonic()
         on_event("interrupt", {"signal": signal.Signals(signum).name})
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -20,7 +20,7 @@ from typing import Any
 from dlm.errors import RunError
 from dlm.plan.doctor import Diagnosis
 from dlm.plan.hardware import HardwareFacts
-from dlm.train.progress import EtaEstimator
+from dlm.train.progress import WARMUP_STEPS, EtaEstimator
 
 
 def probe_file(path: Path, hardware: HardwareFacts, home: Path, steps: int, *, on_step: Any = None) -> Diagnosis:
@@ -29,7 +29,8 @@ def probe_file(path: Path, hardware: HardwareFacts, home: Path, steps: int, *, o
     from dlm.train import basefolder
     from dlm.train import run as train
 
-    p = prepare(path, hardware)
+    # The base folder first, so the plan counts tokens with its tokenizer exactly as `dlm train` does.
+    p = prepare(path, hardware, home=home, base_folder=lambda base: basefolder.materialize(base, home))
     if p.plan.blocked:
         codes = ", ".join(f.code for f in p.plan.findings if f.level == "block")
         raise RunError(
@@ -43,7 +44,7 @@ def probe_file(path: Path, hardware: HardwareFacts, home: Path, steps: int, *, o
     plan = dataclasses.replace(p.plan, sft_kwargs=sft)
     # The rate `dlm train`'s ETA would use: the mean step after the warm-up, stalls left out (steps differ
     # in length when batches pad to their longest row, so a median would misjudge the total).
-    eta = EtaEstimator(steps, warmup_steps=train.WARMUP_STEPS)
+    eta = EtaEstimator(steps, warmup_steps=WARMUP_STEPS)
 
     def on_event(kind: str, data: dict) -> None:
         if kind == "train_begin":

@@ -12,14 +12,28 @@ each step's time.
     eta.step(1, t1, tokens=4096)     # after each optimizer step (or every few; intervals are split)
     eta.pause(t_eval0, t_eval1)      # evaluation / checkpoint time, whenever it is known
     eta.eta(now)                     # seconds left, or None while only warm-up steps are known
+
+`steady_step_seconds` is the one definition of a run's steady step time (the run summary, the
+`step_time` event, the benchmark): the median step time after the warm-up.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+WARMUP_STEPS = 2  # steps left out of the steady step time (allocation, first-touch costs)
 STALL = 5.0  # a step slower than this many times the window's median is a stall, not the rate
+
+
+def steady_step_seconds(step_times: Sequence[float], warmup: int = WARMUP_STEPS) -> float | None:
+    """The steady step time: the median of the step times after the first `warmup`, or of all of them
+    while there are no more than that; None when there are none. The median, so that one slow step
+    does not move it."""
+    if not step_times:
+        return None
+    return statistics.median(step_times[warmup:] or step_times)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Training: with `infer.py`, the only modules that import trl/peft/transformers/datasets.
+"""Training: the recipe `run` and the short translators from the plan's kwargs to the libraries.
+
+Length (~480 lines, over the house's ~400): `run` and its numbered steps read top to bottom in one
+file, as a torchtune recipe does; rows, the loop's plumbing, evaluation and the learning report are
+already their own modules, and no function here is over ~60 lines.
 
 Every heavy import sits inside a function, so `import dlm.train` is instant. `run` reads top to
 bottom like a recipe: load the base, turn examples into rows, build `LoraConfig` / `SFTConfig` from
@@ -18,7 +22,7 @@ Progress (this module prints nothing; `render.py` draws):
   ({signal}), "checkpoint" ({path, step}), "eval" ({eval_loss, base_eval_loss}), "saved"
   ({adapter}), "done" ({status, steps}).
 - `callbacks`: extra `transformers.TrainerCallback` instances, passed to the trainer as they are.
-The callback, the signal handlers and the quieting of the libraries' bars live in `dlm/trainloop.py`.
+The callback, the signal handlers and the quieting of the libraries' bars live in `dlm/train/loop.py`.
 
 Signals: while `run` trains, SIGINT / SIGTERM ask it to stop at the next step boundary; it saves a
 checkpoint there and returns status "interrupted" (a second SIGINT aborts at once; one that comes
@@ -36,19 +40,19 @@ import logging
 import os
 import resource
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from dlm.errors import DlmError
 from dlm.plan.corpus import Example
 from dlm.plan.planner import Plan
+from dlm.store.checkpoints import latest_checkpoint
 from dlm.train.loop import (
-    WARMUP_STEPS,
+    LoopState,
     OnEvent,
     OnStep,
     progress_callback,
@@ -56,6 +60,7 @@ from dlm.train.loop import (
     stop_on_signals,
     trim_log,
 )
+from dlm.train.progress import steady_step_seconds
 from dlm.train.rows import ADDED_PAD, ensure_pad_token, rows, torch_dtype
 
 # bitsandbytes logs a warning on import (peft imports it) about an optional CPU kernel package that
@@ -83,6 +88,7 @@ class RunSummary:
     checkpoint: str | None  # the newest checkpoint folder (resume from it)
     message: str = ""
     log_history: tuple[dict, ...] = field(default_factory=tuple)
+    learning: dict[str, Any] | None = None  # the learning report (dlm/train/learning.py), when asked for
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -144,18 +150,6 @@ def load_base(folder: Path, plan: Plan, trust_remote_code: bool = False) -> tupl
 # --- the run -------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-N` folder of a run (by N), or None. A checkpoint counts once
-    the Trainer has written its `trainer_state.json`, so a save cut short is skipped."""
-    folder = Path(out_dir) / "checkpoints"
-    found = [
-        (int(p.name[11:]), p)
-        for p in folder.glob("checkpoint-*")
-        if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()
-    ]
-    return max(found)[1] if found else None
-
-
 def sft_config(plan: Plan, output_dir: Path, *, max_steps: int | None = None, has_eval: bool = True) -> Any:
     """`SFTConfig(output_dir=..., **plan.sft_kwargs)`: the plan's names pass through unchanged.
 
@@ -187,6 +181,14 @@ def peak_memory() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
+def _reset_peak_memory() -> None:
+    """Start `peak_memory`'s CUDA count from this run."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def _finite_adapter(model: Any) -> bool:
     import torch
 
@@ -207,134 +209,259 @@ def run(
     on_step: OnStep | None = None,
     on_event: OnEvent | None = None,
     eval_base: bool = True,
+    report: int = 0,
+    seed: int = 42,
 ) -> RunSummary:
     """Train one adapter: `out_dir/adapter/` (PEFT safetensors), `out_dir/log.jsonl`,
     `out_dir/checkpoints/checkpoint-N/`. Returns the summary; raises only on bugs and bad input.
 
     `max_steps` overrides the plan's length (CLI `--max-steps`); `eval_base` also scores the base
-    with the adapter disabled on the held-out rows (`base_eval_loss`).
+    with the adapter disabled on the held-out rows (`base_eval_loss`). `report` > 0 answers that many
+    training questions (drawn with `seed`) and every held-out one, adapter and base, into the learning
+    report (`RunSummary.learning`).
     """
     t0 = time.monotonic()
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import PrinterCallback, ProgressCallback, set_seed
-    from trl import SFTTrainer
-
-    from dlm.train.evaluate import eval_loss
-
+    _import_stack()
     emit: OnEvent = on_event or (lambda kind, data: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "log.jsonl"
     if resume_from is True:
-        resume_from = latest_checkpoint(out_dir)
+        resume_from = latest_checkpoint(out_dir / "checkpoints")
         if resume_from is None:
             raise DlmError(f"no checkpoint to resume from in {out_dir / 'checkpoints'}", "train without --resume")
-    if resume_from:
-        resume_from = Path(resume_from)
-        trim_log(log_path, json.loads((resume_from / "trainer_state.json").read_text())["global_step"])
-    else:
-        log_path.write_text("")
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    box: dict[str, Any] = {
-        "signal": None,
-        "interrupted": False,
-        "failed": None,
-        "loss": None,
-        "tokens": 0,
-        "t_log": 0.0,
-        "step_times": [],
-        "checkpoint": str(resume_from) if resume_from else None,
-    }
+    resume_from = _open_log(log_path, resume_from)
+    _reset_peak_memory()
+    loop = LoopState(checkpoint=str(resume_from) if resume_from else None)
 
-    with stop_on_signals(box, emit), quiet_progress():
-        # 1. load. Seeded first: PEFT draws the adapter's initial weights from the global RNG.
-        set_seed(int(plan.sft_kwargs.get("seed", 42)))
-        if "threads" in plan.runtime_kwargs or "malloc" in plan.runtime_kwargs:
-            from dlm.train import cpu_runtime
-
-            emit("cpu_runtime", cpu_runtime.apply(plan.runtime_kwargs, plan.world_size))
-        emit("load", {"base": str(base_folder)})
-        model, tokenizer = load_base(base_folder, plan, trust_remote_code)
-        emit("loaded", {"params": sum(p.numel() for p in model.parameters())})
-        # 2. rows
-        train_rows, held_rows = rows(train_examples, tokenizer), rows(heldout_examples, tokenizer)
-        emit("rows", {"train": len(train_rows), "heldout": len(held_rows)})
-        if not train_rows:
-            raise DlmError(
-                "there is nothing to train on: every example is held out or the corpus is empty",
-                "add examples, or lower training.eval_fraction",
-            )
-        # 3. wrap: TRL applies the LoraConfig and prepares (tokenizes, masks) the datasets
-        args = sft_config(plan, out_dir / "checkpoints", max_steps=max_steps, has_eval=bool(held_rows))
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(train_rows),
-            eval_dataset=Dataset.from_list(held_rows) if held_rows else None,
-            processing_class=tokenizer,
-            peft_config=LoraConfig(**plan.lora_kwargs),
-            callbacks=[progress_callback(box, log_path, on_step, emit), *callbacks],
+    with stop_on_signals(loop, emit), quiet_progress():
+        model, tokenizer = _load(plan, base_folder, trust_remote_code, emit)  # 1. load
+        train_rows, held_rows = _make_rows(train_examples, heldout_examples, tokenizer, emit)  # 2. rows
+        args = sft_config(plan, out_dir / "checkpoints", max_steps=max_steps, has_eval=bool(held_rows))  # 3. wrap
+        progress = progress_callback(loop, log_path, on_step, emit)
+        trainer = _trainer(plan, args, model, tokenizer, train_rows, held_rows, [progress, *callbacks], emit)
+        model = trainer.model  # the PEFT model, as TRL wrapped it
+        params = _param_counts(model)
+        _train(trainer, loop, resume_from)  # 4. train
+        ending = _judge_and_save(  # 5. judge and save
+            model,
+            tokenizer,
+            loop,
+            heldout=heldout_examples if held_rows else (),
+            max_length=args.max_length,
+            eval_base=eval_base,
+            target=out_dir / "adapter",
+            emit=emit,
         )
-        # The Trainer's own console output (a printed dict per log, or a tqdm bar) is render.py's job.
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-        model = trainer.model
-        if plan.runtime_kwargs.get("dora_dropout") == "branch":
-            from dlm.train.dora_fast import enable_branch_dropout
+        if ending.status == "ok" and report > 0:  # 5b. what did it learn?
+            ending = _learning(model, tokenizer, ending, train_examples, heldout_examples, report, seed, emit)
+    summary = _summarise(trainer.state, loop, ending, params, seconds=time.monotonic() - t0)  # 6. summarise
+    emit("done", {"status": summary.status, "steps": summary.steps})
+    return summary
 
-            # DoRA dropout on the low-rank branch only (no second base matmul) and, with "dora_norm":
-            # "factored", the row norm from factors; the saved adapter stays PEFT's own
-            factored = plan.runtime_kwargs.get("dora_norm") == "factored"
-            layers = enable_branch_dropout(model, factored_norm=factored)
-            emit("dora_dropout", {"mode": "branch", "factored_norm": factored, "layers": layers})
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        # 4. train (a signal that came while loading means: stop before the first step)
-        if box["signal"] is None:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        else:
-            box["interrupted"] = True
-        # 5. judge and save: only a complete, finite run becomes an adapter folder
-        status: Status = "interrupted" if box["interrupted"] else "ok"
-        message = ""
-        if box["failed"] or (status == "ok" and not _finite_adapter(model)):
-            status, message = "failed", box["failed"] or "the adapter's weights are not finite"
-        adapter_dir = eval_l = base_l = None
-        if status == "ok":
-            if held_rows:
-                eval_l = eval_loss(model, tokenizer, heldout_examples, max_length=args.max_length)
-                if eval_base:
-                    with model.disable_adapter():
-                        base_l = eval_loss(model, tokenizer, heldout_examples, max_length=args.max_length)
-                emit("eval", {"eval_loss": eval_l, "base_eval_loss": base_l})
-            adapter_dir = str(_save_adapter(model, tokenizer, out_dir / "adapter"))
-            emit("saved", {"adapter": adapter_dir})
 
-    # 6. summarise
-    state, steps_t = trainer.state, box["step_times"]
-    summary = RunSummary(
-        status=status,
+# --- the run's steps, in order -------------------------------------------------------------------
+
+
+def _import_stack() -> None:
+    """The training stack, imported before the signal handlers go in: a Ctrl-C during these seconds
+    aborts at once (no run has started to save), and their time counts in the run's wall time."""
+    import torch  # noqa: F401
+    from datasets import Dataset  # noqa: F401
+    from peft import LoraConfig  # noqa: F401
+    from transformers import PrinterCallback, ProgressCallback, set_seed  # noqa: F401
+    from trl import SFTTrainer  # noqa: F401
+
+    from dlm.train.evaluate import eval_loss  # noqa: F401
+
+
+def _open_log(log_path: Path, resume_from: Path | bool | None) -> Path | None:
+    """Resuming: drop the log lines of the steps that will be redone, and return the checkpoint folder.
+    Otherwise: start an empty log, and return None."""
+    if not resume_from:
+        log_path.write_text("")
+        return None
+    checkpoint = Path(resume_from)
+    trim_log(log_path, json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    return checkpoint
+
+
+def _load(plan: Plan, base_folder: Path, trust_remote_code: bool, emit: OnEvent) -> tuple[Any, Any]:
+    """1. load: the plan's CPU runtime settings, then the base and its tokenizer. Seeded first: PEFT
+    draws the adapter's initial weights from the global RNG."""
+    from transformers import set_seed
+
+    set_seed(int(plan.sft_kwargs.get("seed", 42)))
+    if "threads" in plan.runtime_kwargs or "malloc" in plan.runtime_kwargs:
+        from dlm.train import cpu_runtime
+
+        emit("cpu_runtime", cpu_runtime.apply(plan.runtime_kwargs, plan.world_size))
+    emit("load", {"base": str(base_folder)})
+    model, tokenizer = load_base(base_folder, plan, trust_remote_code)
+    emit("loaded", {"params": sum(p.numel() for p in model.parameters())})
+    return model, tokenizer
+
+
+def _make_rows(
+    train_examples: Sequence[Example], heldout_examples: Sequence[Example], tokenizer: Any, emit: OnEvent
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """2. rows: (train, held-out) TRL rows; there must be something to train on."""
+    train_rows, held_rows = rows(train_examples, tokenizer), rows(heldout_examples, tokenizer)
+    emit("rows", {"train": len(train_rows), "heldout": len(held_rows)})
+    if not train_rows:
+        raise DlmError(
+            "there is nothing to train on: every example is held out or the corpus is empty",
+            "add examples, or lower training.eval_fraction",
+        )
+    return train_rows, held_rows
+
+
+def _trainer(
+    plan: Plan,
+    args: Any,
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, str]],
+    held_rows: list[dict[str, str]],
+    callbacks: list[Any],
+    emit: OnEvent,
+) -> Any:
+    """3. wrap: TRL applies the LoraConfig and prepares (tokenizes, masks) the datasets."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(held_rows) if held_rows else None,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**plan.lora_kwargs),
+        callbacks=callbacks,
+    )
+    # The Trainer's own console output (a printed dict per log, or a tqdm bar) is render.py's job.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if plan.runtime_kwargs.get("dora_dropout") == "branch":
+        from dlm.train.dora_fast import enable_branch_dropout
+
+        # DoRA dropout on the low-rank branch only (no second base matmul) and, with "dora_norm":
+        # "factored", the row norm from factors; the saved adapter stays PEFT's own
+        factored = plan.runtime_kwargs.get("dora_norm") == "factored"
+        layers = enable_branch_dropout(trainer.model, factored_norm=factored)
+        emit("dora_dropout", {"mode": "branch", "factored_norm": factored, "layers": layers})
+    return trainer
+
+
+def _param_counts(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _train(trainer: Any, loop: LoopState, resume_from: Path | None) -> None:
+    """4. train, from the checkpoint when resuming. A signal that came while loading means: stop
+    before the first step."""
+    if loop.signal is None:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    else:
+        loop.interrupted = True
+
+
+@dataclass(frozen=True)
+class _Ending:
+    """How training ended and what was kept: held-out losses and the adapter folder when "ok"."""
+
+    status: Status
+    message: str = ""
+    eval_loss: float | None = None
+    base_eval_loss: float | None = None
+    adapter_dir: str | None = None
+    learning: dict[str, Any] | None = None
+
+
+def _judge_and_save(
+    model: Any,
+    tokenizer: Any,
+    loop: LoopState,
+    *,
+    heldout: Sequence[Example],
+    max_length: int | None,
+    eval_base: bool,
+    target: Path,
+    emit: OnEvent,
+) -> _Ending:
+    """5. judge and save: only a complete, finite run is scored on `heldout` and becomes an adapter folder."""
+    status: Status = "interrupted" if loop.interrupted else "ok"
+    if loop.failed or (status == "ok" and not _finite_adapter(model)):
+        return _Ending("failed", loop.failed or "the adapter's weights are not finite")
+    if status != "ok":
+        return _Ending(status)
+    eval_l = base_l = None
+    if heldout:
+        from dlm.train.evaluate import eval_loss
+
+        eval_l = eval_loss(model, tokenizer, heldout, max_length=max_length)
+        if eval_base:
+            with model.disable_adapter():
+                base_l = eval_loss(model, tokenizer, heldout, max_length=max_length)
+        emit("eval", {"eval_loss": eval_l, "base_eval_loss": base_l})
+    adapter_dir = str(_save_adapter(model, tokenizer, target))
+    emit("saved", {"adapter": adapter_dir})
+    return _Ending("ok", eval_loss=eval_l, base_eval_loss=base_l, adapter_dir=adapter_dir)
+
+
+def _learning(
+    model: Any,
+    tokenizer: Any,
+    ending: _Ending,
+    train: Sequence[Example],
+    heldout: Sequence[Example],
+    report: int,
+    seed: int,
+    emit: OnEvent,
+) -> _Ending:
+    """5b. the learning report: greedy answers of the saved adapter and of the base, scored."""
+    from dlm.train.learning import learning_report
+
+    emit("report_begin", {"questions": min(report, sum(e.kind != "prose" for e in train))})
+    found = learning_report(
+        model,
+        tokenizer,
+        train,
+        heldout,
+        sample=report,
+        seed=seed,
+        heldout_loss=ending.eval_loss,
+        base_heldout_loss=ending.base_eval_loss,
+    ).to_json()
+    emit("report", {"line": found["line"]})
+    return replace(ending, learning=found)
+
+
+def _summarise(state: Any, loop: LoopState, ending: _Ending, params: tuple[int, int], seconds: float) -> RunSummary:
+    """6. summarise: the Trainer's state, the loop's measurements and how it ended."""
+    return RunSummary(
+        status=ending.status,
         steps=state.global_step,
         max_steps=state.max_steps,
-        train_loss=box["loss"],
-        eval_loss=eval_l,
-        base_eval_loss=base_l,
-        seconds=time.monotonic() - t0,
-        steady_step_seconds=statistics.median(steps_t[WARMUP_STEPS:] or steps_t) if steps_t else None,
-        tokens_seen=box["tokens"],
+        train_loss=loop.loss,
+        eval_loss=ending.eval_loss,
+        base_eval_loss=ending.base_eval_loss,
+        seconds=seconds,
+        steady_step_seconds=steady_step_seconds(loop.step_times),
+        tokens_seen=loop.tokens,
         peak_memory_bytes=peak_memory(),
-        trainable_params=trainable,
-        total_params=total,
-        adapter_dir=adapter_dir,
-        checkpoint=box["checkpoint"],
-        message=message,
+        trainable_params=params[0],
+        total_params=params[1],
+        adapter_dir=ending.adapter_dir,
+        checkpoint=loop.checkpoint,
+        message=ending.message,
         log_history=tuple(state.log_history),
+        learning=ending.learning,
     )
-    emit("done", {"status": status, "steps": summary.steps})
-    return summary
 
 
 def _save_adapter(model: Any, tokenizer: Any, target: Path) -> Path:

@@ -34,7 +34,8 @@ from dlm.errors import DlmError, RunError
 from dlm.plan.hardware import HardwareFacts
 from dlm.plan.prepare import Prepared, prepare
 from dlm.store.current import corpus_sha256, doc_sha256
-from dlm.store.store import Store, open_store, store_root
+from dlm.store.opening import open_store
+from dlm.store.store import Store, store_root
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,21 @@ def train_document(
     """Train one document into a new version of its store. Raises DlmError / RunError, never half-commits."""
     from dlm.plan.hardware import launch_env, package_versions
     from dlm.train import basefolder
-    from dlm.train import run as train
 
     if resume and fresh:
         raise DlmError("--resume and --fresh contradict each other", "pass one of them")
     world, sharding = launch_env()
-    prepared = prepare(path, hardware, world_size=world, max_steps=max_steps, sharding=sharding)
+    # The base's folder comes first (converting the embedded GGUF once), so the plan counts every
+    # example with the base's own tokenizer and sequence_len never cuts one silently.
+    prepared = prepare(
+        path,
+        hardware,
+        world_size=world,
+        max_steps=max_steps,
+        sharding=sharding,
+        home=home,
+        base_folder=lambda base: basefolder.materialize(base, home),
+    )
     plan, spec = prepared.plan, prepared.spec
     if plan.blocked:
         codes = ", ".join(f.code for f in plan.findings if f.level == "block")
@@ -106,18 +116,7 @@ def train_document(
             try:
                 if resume_from is not None:  # the new run continues the old one's log from its checkpoint
                     _copy_log(resume_from.parent.parent / "log.jsonl", out_dir / "log.jsonl")
-                base_folder = basefolder.materialize(prepared.base, home)
-                summary = train.run(
-                    plan,
-                    prepared.train,
-                    prepared.heldout,
-                    base_folder,
-                    out_dir,
-                    trust_remote_code=spec.trust_remote_code,
-                    resume_from=resume_from,
-                    on_step=on_step,
-                    on_event=on_event,
-                )
+                summary = _run(prepared, home, out_dir, resume_from, on_step, on_event, report=True)
             except BaseException as exc:
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
                 _end_quietly(store, run_id, status, None, f"{type(exc).__name__}: {exc}"[:500])
@@ -149,6 +148,7 @@ def train_document(
                     "plan": plan.to_json(),
                     "hardware": hardware.to_json(),
                     "summary": {**body, **extra},
+                    "metrics": {"dlm_metrics": 1, **metrics, "learning": summary.learning},
                 }
                 try:
                     version = store.commit_version(
@@ -213,9 +213,6 @@ def _train_other_rank(
     """
     import tempfile
 
-    from dlm.train import basefolder
-    from dlm.train import run as train
-
     spec = prepared.spec
     store = open_store(home, spec.dlm_id, Path(prepared.doc.path), spec.base_model, readonly=True)
     resume_from = _resume_choice(store, sha, prepared, resume=resume, fresh=fresh)
@@ -227,22 +224,41 @@ def _train_other_rank(
     else:
         out_dir = Path(tempfile.mkdtemp(prefix=f"dlm-{spec.dlm_id}-rank{rank()}-"))
     try:
-        base_folder = basefolder.materialize(prepared.base, home)  # converts under its own file lock, once
-        summary = train.run(
-            prepared.plan,
-            prepared.train,
-            prepared.heldout,
-            base_folder,
-            out_dir,
-            trust_remote_code=spec.trust_remote_code,
-            resume_from=resume_from,
-            on_step=on_step,
-            on_event=on_event,
-        )
+        summary = _run(prepared, home, out_dir, resume_from, on_step, on_event, report=False)
     finally:
         if not keep:
             shutil.rmtree(out_dir, ignore_errors=True)
     return Outcome(prepared, store, "", None, summary, str(resume_from) if resume_from else None)
+
+
+def _run(
+    prepared: Prepared,
+    home: Path,
+    out_dir: Path,
+    resume_from: Path | None,
+    on_step: Callable[..., None] | None,
+    on_event: Callable[[str, dict], None] | None,
+    *,
+    report: bool,
+) -> Any:
+    """`train.run` on the prepared document; only the rank that commits writes the learning report."""
+    from dlm.train import basefolder
+    from dlm.train import run as train
+
+    spec = prepared.spec
+    return train.run(
+        prepared.plan,
+        prepared.train,
+        prepared.heldout,
+        basefolder.materialize(prepared.base, home),  # converts under its own file lock, once
+        out_dir,
+        trust_remote_code=spec.trust_remote_code,
+        resume_from=resume_from,
+        on_step=on_step,
+        on_event=on_event,
+        report=spec.training.report if report else 0,
+        seed=spec.training.seed,
+    )
 
 
 def _metrics(summary: Any) -> dict[str, Any]:
@@ -259,7 +275,19 @@ def _metrics(summary: Any) -> dict[str, Any]:
         "trainable_params",
         "total_params",
     )
-    return {k: getattr(summary, k) for k in keys}
+    out = {k: getattr(summary, k) for k in keys}
+    learning = getattr(summary, "learning", None)
+    if learning:  # the learning report's headline figures (the whole report is the version's metrics.json)
+        out.update(
+            answer_f1=learning["train"]["f1"],
+            base_answer_f1=learning["train"]["base_f1"],
+            answers_learned=learning["train"]["learned"],
+            answers_asked=learning["train"]["n"],
+            heldout_answer_f1=learning["heldout"]["f1"],
+            base_heldout_answer_f1=learning["heldout"]["base_f1"],
+            learning_line=learning["line"],
+        )
+    return out
 
 
 def _prune_checkpoints(store: Store) -> None:

@@ -1,273 +1,27 @@
-"""`dlm compare A B`: is twin B worth what it costs over A, judged on the same held-out examples?
+"""`dlm compare A B`: find (or, with `train=True`, train) both twins' current adapters and judge B.
 
-Owns the comparison's data types (`Side`, `Difference`, `Verdict`, `Comparison`), the config diff
-between two trained versions, the verdict rule, the stable JSON shape (`SCHEMA_VERSION`) and
-`compare()`, which finds (or, with `train=True`, trains) both current adapters and has
-`infer.score_adapters` evaluate the base, A and B in one process on A's held-out examples.
-Nothing here prints or imports torch: rendering lives in `render.comparison`, the PNG in `plot.py`.
-docs/compare.md is the user-facing account of every definition below.
-
-The verdict rule, in one place:
-- A is the baseline (by convention the cheaper side, e.g. LoRA), B the candidate (e.g. DoRA).
-- gain = B's improvement on the metric relative to A's value: (A - B) / A for eval_loss (lower is
-  better), (B - A) / A for delta_kl (higher is better: the adapter moved the model further from the
-  base on the document's own answers). When A's value is 0 the gain is 0 for a tie and +-inf
-  otherwise (JSON: null, with `b_pays` still decided).
-- B pays when gain >= min_gain (inclusive). A negative min_gain is a tolerance: B is kept even if
-  it is worse by up to that fraction. Otherwise keep A. B's cost is stated either way as ratios
-  B / A of steady step time, peak memory, training time, trainable parameters and adapter bytes.
+`compare()` checks the two documents are twins, finds each current version in its store (training a
+side that has none or a stale one when asked), has `infer.score_adapters` evaluate the base, A and B
+in one process on A's held-out examples, and reads the versions' stored documents into a
+`verdict.Comparison`. The judgement itself (data types, config diff, verdict rule, JSON) lives in
+`verdict.py`. Nothing here prints or imports torch at import time. docs/compare.md is the
+user-facing account.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlm.errors import DlmError, RunError
+from dlm.use.verdict import Comparison, Side, check_options, config_diff, decide, perplexity
 
-SCHEMA_VERSION = 1  # the `dlm_compare` field of to_json(); bumped only when a field changes meaning
-BETTER = {"eval_loss": "lower", "delta_kl": "higher"}
-MIN_GAIN_RANGE = (-1.0, 1.0)
-EPS = 1e-12  # "at least min_gain" must survive float rounding of (A - B) / A
-# Keys that differ between twins by construction: each side's identity, not a confound.
-IDENTITY_KEYS = frozenset({"dlm_id"})
-# Hardware fields that change where cost numbers come from; a difference there is a confound.
-HARDWARE_KEYS = (
-    "device",
-    "name",
-    "memory_bytes",
-    "cores",
-    "compute_capability",
-    "device_count",
-    "native_bf16",
-    "torch_version",
-)
-
-
-@dataclass(frozen=True)
-class Side:
-    """One row of the comparison: the base, A or B. Cost fields are None for the base."""
-
-    role: str  # "base" | "A" | "B"
-    path: str | None  # the document (None for the base)
-    dlm_id: str | None
-    version: str | None  # "v0003"
-    adapter: str | None  # lora | qlora | dora (the base row: None)
-    eval_loss: float | None  # token-weighted mean loss on A's held-out answer tokens
-    perplexity: float | None  # exp(eval_loss)
-    delta_kl: float | None  # mean per-token KL(this model || base) on the same tokens; 0 for the base
-    steady_step_seconds: float | None  # median optimizer-step time, warm-up and eval/save pauses excluded
-    train_seconds: float | None  # wall time of the version's run as the trainer recorded it
-    steps: int | None
-    peak_memory_bytes: int | None  # CUDA: max allocated; CPU: peak RSS of the training process
-    trainable_params: int | None
-    adapter_bytes: int | None  # *.safetensors bytes of the stored adapter
-    stale: bool = False  # the document changed since this version was trained
-    log: tuple[dict, ...] = field(default=(), repr=False)  # log.jsonl of the version, for the plot only
-
-    def to_json(self) -> dict[str, Any]:
-        data = {k: _finite(v) for k, v in asdict(self).items() if k != "log"}
-        return data
-
-
-@dataclass(frozen=True)
-class Difference:
-    key: str  # dotted path: "training.lora_dropout", "plan.micro_batch_size", "hardware.name"
-    a: Any  # None when the key is absent on that side
-    b: Any
-    source: str  # "spec" (what the document says), "plan" (what the planner derived), "hardware"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    metric: str
-    better: str  # "lower" | "higher"
-    min_gain: float
-    a_value: float | None
-    b_value: float | None
-    gain: float | None  # B's relative improvement over A (see the module docstring)
-    b_pays: bool
-    keep: str  # "A" | "B"
-    step_time_ratio: float | None  # B / A
-    memory_ratio: float | None
-    train_time_ratio: float | None
-    params_ratio: float | None
-    adapter_bytes_ratio: float | None
-    reason: str  # one line saying all of the above
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: _finite(v) for k, v in asdict(self).items()}
-
-
-@dataclass(frozen=True)
-class Comparison:
-    base: Side
-    a: Side
-    b: Side
-    heldout_examples: int  # A's held-out examples, scored for all three rows
-    heldout_tokens: int  # the answer tokens the loss and KL are averaged over
-    corpus_a: str | None  # corpus_sha256 each version trained on
-    corpus_b: str | None
-    differences: tuple[Difference, ...]
-    verdict: Verdict
-    notes: tuple[str, ...] = ()  # caveats worth reading next to the numbers
-
-    @property
-    def sides(self) -> tuple[Side, Side, Side]:
-        return (self.base, self.a, self.b)
-
-    @property
-    def same_data(self) -> bool:
-        return self.corpus_a is not None and self.corpus_a == self.corpus_b
-
-    def to_json(self) -> dict[str, Any]:
-        """The stable `--json` object (docs/compare.md, "JSON"). Non-finite numbers become null."""
-        return {
-            "dlm_compare": SCHEMA_VERSION,
-            "metric": self.verdict.metric,
-            "min_gain": self.verdict.min_gain,
-            "heldout": {"examples": self.heldout_examples, "tokens": self.heldout_tokens, "from": "A"},
-            "data": {"same": self.same_data, "corpus_sha256": {"A": self.corpus_a, "B": self.corpus_b}},
-            "sides": {s.role: s.to_json() for s in self.sides},
-            "config_diff": [asdict(d) for d in self.differences],
-            "verdict": self.verdict.to_json(),
-            "notes": list(self.notes),
-        }
-
-
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-# --- pure parts: options, diff, verdict -----------------------------------------------------------
-
-
-def check_options(metric: str, min_gain: float) -> None:
-    """DlmError (exit 2) for a metric we do not know or a min gain that cannot mean anything."""
-    if metric not in BETTER:
-        raise DlmError(
-            f"--metric must be eval_loss or delta_kl (got {metric!r})",
-            "eval_loss: held-out loss, lower is better; delta_kl: KL from the base, higher is better",
-        )
-    lo, hi = MIN_GAIN_RANGE
-    if not isinstance(min_gain, (int, float)) or not math.isfinite(min_gain) or not lo <= min_gain <= hi:
-        raise DlmError(
-            f"--min-gain must be a fraction between {lo:g} and {hi:g} (got {min_gain!r})",
-            "0.05 asks B to be 5% better than A; a negative value tolerates B being that much worse",
-        )
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"training": {"lora_r": 8}} -> {"training.lora_r": 8}; lists and scalars are leaves."""
-    if not isinstance(data, Mapping):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
-def _diff(a: Mapping[str, Any], b: Mapping[str, Any], source: str, prefix: str = "") -> list[Difference]:
-    fa, fb = _flatten(a, prefix), _flatten(b, prefix)
-    keys = sorted(k for k in set(fa) | set(fb) if k.split(".")[-1] not in IDENTITY_KEYS)
-    return [
-        Difference(k, fa.get(k), fb.get(k), source) for k in keys if (k in fa) != (k in fb) or fa.get(k) != fb.get(k)
-    ]
-
-
-def config_diff(
-    spec_a: Mapping[str, Any],
-    spec_b: Mapping[str, Any],
-    plan_a: Mapping[str, Any] | None = None,
-    plan_b: Mapping[str, Any] | None = None,
-    hardware_a: Mapping[str, Any] | None = None,
-    hardware_b: Mapping[str, Any] | None = None,
-) -> tuple[Difference, ...]:
-    """Every key that differs between two trained versions, spec first, then plan decisions, then hardware.
-
-    Specs are `Spec.model_dump(mode="json")` dicts, compared key path by key path (lists whole).
-    `dlm_id` is left out: twins differ there by design (each side's id is in its `Side`). Plan
-    decisions catch confounds the documents do not show (an `auto` micro batch resolving
-    differently; a decision that merely repeats a listed spec difference is left out); hardware
-    catches cost numbers measured on different machines.
-    """
-    found = _diff(spec_a, spec_b, "spec")
-    if plan_a is not None and plan_b is not None:
-        decisions = [{d["key"]: d["value"] for d in p.get("decisions", [])} for p in (plan_a, plan_b)]
-        # A decision that only echoes a spec difference (plan.adapter = training.adapter) is noise.
-        echoed = {(d.key.split(".")[-1], json.dumps(d.a), json.dumps(d.b)) for d in found}
-        # A decision only one side makes (plan.dora_dropout for the DoRA twin) follows from a spec
-        # difference already listed; only a decision both sides made differently is a confound.
-        found += [
-            d
-            for d in _diff(decisions[0], decisions[1], "plan", "plan")
-            if (d.key.split(".")[-1], json.dumps(d.a), json.dumps(d.b)) not in echoed
-            and not (found and (d.key.split(".")[-1] not in decisions[0] or d.key.split(".")[-1] not in decisions[1]))
-        ]
-    if hardware_a is not None and hardware_b is not None:
-        pick = [{k: h.get(k) for k in HARDWARE_KEYS if k in h} for h in (hardware_a, hardware_b)]
-        found += _diff(pick[0], pick[1], "hardware", "hardware")
-    return tuple(found)
-
-
-def relative_gain(metric: str, a: float | None, b: float | None) -> float | None:
-    """B's improvement over A as a fraction of A's value; None when either value is missing."""
-    if a is None or b is None or not math.isfinite(a) or not math.isfinite(b):
-        return None
-    diff = (a - b) if BETTER[metric] == "lower" else (b - a)
-    if a == 0:
-        return 0.0 if diff == 0 else math.copysign(math.inf, diff)
-    return diff / abs(a)
-
-
-def _ratio(b: float | None, a: float | None) -> float | None:
-    return b / a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b >= 0 else None
-
-
-def decide(metric: str, min_gain: float, a: Side, b: Side) -> Verdict:
-    """The verdict rule (module docstring). Pure; `check_options` has vetted the arguments."""
-    av, bv = getattr(a, metric), getattr(b, metric)
-    gain = relative_gain(metric, av, bv)
-    pays = gain is not None and gain >= min_gain - EPS
-    ratios = {
-        "step_time_ratio": _ratio(b.steady_step_seconds, a.steady_step_seconds),
-        "memory_ratio": _ratio(b.peak_memory_bytes, a.peak_memory_bytes),
-        "train_time_ratio": _ratio(b.train_seconds, a.train_seconds),
-        "params_ratio": _ratio(b.trainable_params, a.trainable_params),
-        "adapter_bytes_ratio": _ratio(b.adapter_bytes, a.adapter_bytes),
-    }
-    word = "lower" if BETTER[metric] == "lower" else "higher"
-    if gain is None:
-        judged = f"{metric} is missing on a side, so B cannot be shown to pay"
-    else:
-        shown = f"{gain:+.2%}" if math.isfinite(gain) else ("+inf" if gain > 0 else "-inf")
-        judged = (
-            f"B's {metric} {bv:.4g} vs A's {av:.4g}: gain {shown} ({word} is better), "
-            f"{'at least' if pays else 'below'} the {min_gain:.1%} min gain"
-        )
-    cost = ", ".join(
-        f"x{v:.2f} {label}"
-        for label, v in (("step time", ratios["step_time_ratio"]), ("peak memory", ratios["memory_ratio"]))
-        if v is not None
-    )
-    reason = f"keep {'B' if pays else 'A'}: {judged}; B costs {cost or 'an unknown amount'}"
-    return Verdict(
-        metric, BETTER[metric], float(min_gain), av, bv, gain, pays, "B" if pays else "A", **ratios, reason=reason
-    )
-
-
-def perplexity(loss: float | None) -> float | None:
-    if loss is None or not math.isfinite(loss):
-        return None
-    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+if TYPE_CHECKING:
+    from dlm.plan.hardware import HardwareFacts
+    from dlm.plan.prepare import Prepared
+    from dlm.store.current import Current
 
 
 # --- reading stored versions ----------------------------------------------------------------------
@@ -313,11 +67,34 @@ def side_from_version(role: str, path: str, folder: Path, scores: Mapping[str, A
         adapter_bytes,
         stale,
         read_log(folder),
+        held_out_f1(folder),
     )
 
 
-def base_side(name: str, loss: float | None) -> Side:
-    return Side("base", None, None, None, None, loss, perplexity(loss), 0.0, None, None, None, None, None, None)
+def held_out_f1(folder: Path, *, base: bool = False) -> float | None:
+    """The version's learning report (metrics.json): held-out answer F1 of the adapter (or the base)."""
+    heldout = (read_json(folder, "metrics.json").get("learning") or {}).get("heldout") or {}
+    return heldout.get("base_f1" if base else "f1") if heldout.get("n") else None
+
+
+def base_side(name: str, loss: float | None, answer_f1: float | None = None) -> Side:
+    return Side(
+        "base",
+        None,
+        None,
+        None,
+        None,
+        loss,
+        perplexity(loss),
+        0.0,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        answer_f1=answer_f1,
+    )
 
 
 def assemble(
@@ -349,7 +126,7 @@ def assemble(
     if any(d.source == "hardware" for d in diff):
         notes.append("A and B were trained on different hardware: their cost ratios compare machines, not methods")
     return Comparison(
-        base_side(base_name, scores["loss"]["base"]),
+        base_side(base_name, scores["loss"]["base"], held_out_f1(folder_a, base=True)),
         a,
         b,
         int(scores["examples"]),
@@ -398,14 +175,34 @@ def compare(
     path, why)` may return extra keyword arguments for it (on_plan / on_step / on_event).
     """
     from dlm.plan.hardware import probe_light
-    from dlm.plan.prepare import prepare
-    from dlm.store import current
-    from dlm.store.store import open_store
-    from dlm.train import runs
 
     check_options(metric, min_gain)
     hw = hardware or probe_light()
     paths = (str(path_a), str(path_b))
+    preps = _check_twins(paths, hw, allow_different_data)
+    found, notes = _current_adapters(paths, preps, home, hw, train=train, on_train=on_train)
+    cur_a, cur_b = found
+    notes += _check_trained_data(paths, cur_a, cur_b, allow_different_data)
+    scores = _score(cur_a, cur_b, home, batch_size=batch_size, device=device)
+    return assemble(
+        cur_a.version_dir,
+        cur_b.version_dir,
+        paths[0],
+        paths[1],
+        scores,
+        base_name=cur_a.prepared.spec.base_model,
+        metric=metric,
+        min_gain=min_gain,
+        stale=(cur_a.stale, cur_b.stale),
+        notes=tuple(notes),
+    )
+
+
+def _check_twins(paths: tuple[str, str], hw: HardwareFacts, allow_different_data: bool) -> list[Prepared]:
+    """Both documents prepared; DlmError unless they are twins A can be judged against."""
+    from dlm.plan.prepare import prepare
+    from dlm.store import current
+
     preps = [prepare(p, hw, purpose="inspect") for p in paths]  # every bad-input error comes before work
     if preps[0].spec.dlm_id == preps[1].spec.dlm_id:
         raise DlmError(
@@ -429,6 +226,21 @@ def compare(
     hashes = [current.corpus_sha256(p) for p in preps]
     if hashes[0] != hashes[1] and not allow_different_data:
         _refuse_different_data(paths[0], paths[1], *hashes)
+    return preps
+
+
+def _current_adapters(
+    paths: tuple[str, str],
+    preps: list[Prepared],
+    home: Path,
+    hw: HardwareFacts,
+    *,
+    train: bool,
+    on_train: Callable[[str, str, str], Mapping[str, Any] | None] | None,
+) -> tuple[list[Current], list[str]]:
+    """Each side's current version, trained first where `train` allows it; the notes worth reading."""
+    from dlm.store import current
+    from dlm.store.opening import open_store
 
     found: list[Any] = []
     for p, prep in zip(paths, preps):
@@ -448,15 +260,7 @@ def compare(
                 from dlm.train.device import probe
 
                 train_hw = probe()
-            hooks = dict((on_train(role, p, why) if on_train else None) or {})
-            outcome = runs.train_document(p, home, train_hw, **hooks)
-            if outcome.version is None:  # interrupted (Ctrl-C saves a checkpoint): nothing new to compare
-                raise RunError(
-                    f"training {role} stopped at step {outcome.summary.steps} before it finished",
-                    f"`dlm train {p} --resume` continues it; then run dlm compare again",
-                    p,
-                )
-            found[i] = current.current(p, home, hw)
+            found[i] = _train_side(role, p, why, home, hw, train_hw, on_train)
             trained_here.append(role)
             if trained_here == ["A", "B"] and train_hw.device != "cuda":
                 notes.append(
@@ -472,22 +276,58 @@ def compare(
             )
         elif cur.stale:
             notes.append(f"{role} is stale: {p} changed since {cur.version_dir.name} was trained (--train retrains it)")
-    cur_a, cur_b = found
-    trained = [c.summary.get("corpus_sha256") or current.corpus_sha256(c.prepared) for c in found]
-    if trained[0] != trained[1]:
-        if not allow_different_data:
-            _refuse_different_data(paths[0], paths[1], *trained)
-        leaked = {e.id for e in cur_a.prepared.heldout} & {e.id for e in cur_b.prepared.train}
-        notes.append(
-            f"A and B trained on different examples (--allow-different-data); {len(leaked)} of A's "
-            f"{len(cur_a.prepared.heldout)} held-out examples are in B's training set"
-        )
+    return found, notes
 
+
+def _train_side(
+    role: str,
+    path: str,
+    why: str,
+    home: Path,
+    hw: HardwareFacts,
+    train_hw: HardwareFacts,
+    on_train: Callable[[str, str, str], Mapping[str, Any] | None] | None,
+) -> Current:
+    """Train one side through `runs.train_document` and return its new current version."""
+    from dlm.store import current
+    from dlm.train import runs
+
+    hooks = dict((on_train(role, path, why) if on_train else None) or {})
+    outcome = runs.train_document(path, home, train_hw, **hooks)
+    if outcome.version is None:  # interrupted (Ctrl-C saves a checkpoint): nothing new to compare
+        raise RunError(
+            f"training {role} stopped at step {outcome.summary.steps} before it finished",
+            f"`dlm train {path} --resume` continues it; then run dlm compare again",
+            path,
+        )
+    return current.current(path, home, hw)
+
+
+def _check_trained_data(
+    paths: tuple[str, str], cur_a: Current, cur_b: Current, allow_different_data: bool
+) -> list[str]:
+    """DlmError when the versions trained on different corpora (unless allowed); else a note saying so."""
+    from dlm.store import current
+
+    trained = [c.summary.get("corpus_sha256") or current.corpus_sha256(c.prepared) for c in (cur_a, cur_b)]
+    if trained[0] == trained[1]:
+        return []
+    if not allow_different_data:
+        _refuse_different_data(paths[0], paths[1], *trained)
+    leaked = {e.id for e in cur_a.prepared.heldout} & {e.id for e in cur_b.prepared.train}
+    return [
+        f"A and B trained on different examples (--allow-different-data); {len(leaked)} of A's "
+        f"{len(cur_a.prepared.heldout)} held-out examples are in B's training set"
+    ]
+
+
+def _score(cur_a: Current, cur_b: Current, home: Path, *, batch_size: int, device: str | None) -> dict[str, Any]:
+    """`infer.score_adapters` on the base, A and B over A's held-out examples (the only heavy step)."""
     from dlm.train import basefolder
     from dlm.use import infer
 
     plan_a = cur_a.prepared.plan
-    scores = infer.score_adapters(
+    return infer.score_adapters(
         basefolder.materialize(cur_a.prepared.base, home),
         {"A": cur_a.version_dir, "B": cur_b.version_dir},
         cur_a.prepared.heldout,
@@ -496,16 +336,4 @@ def compare(
         trust_remote_code=cur_a.prepared.spec.trust_remote_code,
         dtype=plan_a.model_kwargs.get("dtype") or "float32",
         device=device,
-    )
-    return assemble(
-        cur_a.version_dir,
-        cur_b.version_dir,
-        paths[0],
-        paths[1],
-        scores,
-        base_name=cur_a.prepared.spec.base_model,
-        metric=metric,
-        min_gain=min_gain,
-        stale=(cur_a.stale, cur_b.stale),
-        notes=tuple(notes),
     )

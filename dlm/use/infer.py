@@ -1,18 +1,49 @@
-"""Using a trained adapter: held-out loss, KL from the base, merging, generating, exporting.
+"""Using a trained adapter: loading it, answering questions and chatting, held-out loss and KL from
+the base, merging for export.
 
 The second (and last) module that imports torch/peft/transformers, always inside functions. It
-shares `train.py`'s row rendering and loss masking, so evaluation sees exactly what training saw.
+shares `train.rows`' chat rendering and loss masking, so answers and evaluation see exactly what
+training saw.
+
+Answering (`dlm prompt`, `dlm chat`) loads only what generation needs: transformers and PEFT, never
+trl or datasets, the base in the dtype it was saved in, with PEFT's optional bitsandbytes import
+skipped and idle OpenMP threads sleeping (see `load_trained`'s `lean`). Questions are answered in
+batches, left padded; base answers come from the same model with the adapter switched off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dlm.plan.corpus import Example
 from dlm.train.loop import quiet_progress
-from dlm.train.rows import encode_rows, ensure_pad_token, render_chat, rows, torch_dtype
+from dlm.train.rows import FALLBACK_PROMPT, encode_rows, ensure_pad_token, render_chat, rows, torch_dtype
+
+BATCH = 16  # questions per generate call: on 2 CPU cores a batch of 16 costs ~3x one question
+# The cached "is bitsandbytes installed?" checks that `_without_bitsandbytes` resets afterwards.
+_BNB_CHECKS = (
+    ("peft.import_utils", "is_bnb_available"),
+    ("peft.import_utils", "is_bnb_4bit_available"),
+    ("transformers.utils.import_utils", "is_bitsandbytes_available"),
+)
+CHAT_HELP = "/base (adapter off), /adapter (on), /reset (forget the conversation), /system TEXT, /quit"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model ready to answer. `adapter`: the adapter is applied (merged, or switchable when `base` is
+    also true); `base`: base answers are available (a plain base, or the adapter switched off)."""
+
+    model: Any
+    tokenizer: Any
+    adapter: bool
+    base: bool
 
 
 def merge_for_inference(model: Any) -> Any:
@@ -33,33 +64,176 @@ def load_trained(
     merge: bool = True,
     dtype: str = "float32",
     device: str | None = None,
+    lean: bool = False,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) of a saved adapter on its base, merged for inference unless `merge=False`.
 
     The base is loaded unquantized even for a QLoRA adapter: merging into 4-bit weights would round
     the update away, and inference on the full-precision base is what export writes anyway.
-    `device` defaults to the GPU when there is one.
+    `device` defaults to the GPU when there is one. `lean` is for a process that only generates
+    (see `lean_runtime`); `dtype="auto"` keeps the dtype the base was saved in.
     """
-    with quiet_progress():
-        return _load_trained(adapter_dir, base_folder, trust_remote_code, merge, dtype, device)
+    if lean:
+        lean_runtime()
+    with _quiet_loading():
+        base, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, dtype, device)
+        with _without_bitsandbytes(lean):
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base, str(adapter_dir))
+        return (merge_for_inference(model) if merge else model.eval()), tokenizer
 
 
-def _load_trained(
-    adapter_dir: Path, base_folder: Path, trust_remote_code: bool, merge: bool, dtype: str, device: str | None
+def load_for_answers(
+    adapter_dir: Path,
+    base_folder: Path,
+    *,
+    adapter: bool = True,
+    base: bool = False,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+) -> Loaded:
+    """The model `dlm prompt` and `dlm chat` answer with, loaded once, in the saved dtype.
+
+    Only the adapter's answers: merged for good (it then costs what the base costs per token). Base
+    answers too: one PEFT model, merged for the adapter's answers and unmerged with the adapter off
+    for the base's (`_side`), never a second load. Only the base's: the base alone, no PEFT at all.
+    """
+    if not adapter and not base:
+        raise ValueError("ask for the adapter's answers, the base's or both")
+    if adapter:
+        model, tokenizer = load_trained(
+            adapter_dir,
+            base_folder,
+            trust_remote_code=trust_remote_code,
+            merge=not base,
+            dtype="auto",
+            device=device,
+            lean=True,
+        )
+        return Loaded(model, tokenizer, adapter=True, base=base)
+    lean_runtime()
+    with _quiet_loading():
+        model, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, "auto", device)
+    return Loaded(model.eval(), tokenizer, adapter=False, base=True)
+
+
+def lean_runtime() -> None:
+    """Settings for a process that only generates; they take effect only before torch loads.
+
+    Idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`, unless the variable is
+    set): one decoding step is thousands of small parallel regions, and on cores shared with other
+    processes a spinning thread holds the core its partner needs. On 2 shared cores 40 new tokens
+    took 18-27 s with libgomp's default (spin, then sleep) and 3-6 s sleeping at once
+    (docs/performance.md, "Prompt and chat latency").
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@contextmanager
+def _without_bitsandbytes(lean: bool) -> Iterator[None]:
+    """In a lean process, bitsandbytes is "not installed" (None in `sys.modules`) while PEFT is
+    imported and wraps the base: PEFT imports it whenever it is installed, and it imports torch's
+    compiler, ~1.7 s on 2 cores, for 4-bit layers that a base loaded unquantized never has. After
+    the block the libraries' cached answers are cleared, so a later 4-bit load finds it again."""
+    if not lean or "peft" in sys.modules or "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        for module, name in _BNB_CHECKS:
+            getattr(getattr(sys.modules.get(module), name, None), "cache_clear", lambda: None)()
+
+
+def _load_base(
+    base_folder: Path, adapter_dir: Path, trust_remote_code: bool, dtype: str, device: str | None
 ) -> tuple[Any, Any]:
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # An adapter saved with its own tokenizer grew the vocabulary (an added pad): load that one.
     tok_dir = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_folder
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=trust_remote_code)
     base = AutoModelForCausalLM.from_pretrained(
         str(base_folder), trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype)
     )
     ensure_pad_token(tokenizer, base)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
     base.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    return (merge_for_inference(model) if merge else model.eval()), tokenizer
+    return base, tokenizer
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' weight-loading bar and deprecation chatter off for a block; `train.loop`'s
+    `quiet_progress` without its import of datasets, which answering never needs."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _sampling(temperature: float) -> dict[str, Any]:
+    """generate() kwargs: greedy at 0, else plain sampling (no top-p/top-k from generation_config)."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": None, "top_k": None}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    heads: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    batch_size: int = BATCH,
+) -> list[str]:
+    """The continuations of already rendered prompts, in their order. Prompts of similar length share
+    a batch, left padded; each row's answer depends on its own prompt only (a greedy answer can
+    differ from the one-at-a-time answer only where two tokens tie to float rounding)."""
+    import torch
+
+    if not heads:
+        return []
+    device = next(model.parameters()).device
+    order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
+    texts = [""] * len(heads)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(order), batch_size):
+            rows_ = order[start : start + batch_size]
+            enc = tokenizer(text=[heads[i] for i in rows_], return_tensors="pt", padding=True).to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **_sampling(temperature),
+                )
+            width = enc["input_ids"].shape[1]
+            for i, row in zip(rows_, out):
+                texts[i] = tokenizer.decode(row[width:], skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = side
+    return texts
 
 
 def generate(
@@ -71,24 +245,154 @@ def generate(
     temperature: float = 0.0,
 ) -> str:
     """One answer to `prompt_text`, laid out by the chat template as in training. Greedy at 0."""
-    import torch
-
     head, _ = render_chat(tokenizer, prompt_text, None, system)
-    enc = tokenizer(text=head, return_tensors="pt").to(next(model.parameters()).device)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            top_p=None,
-            top_k=None,
-            **sampling,
+    return generate_texts(model, tokenizer, [head], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+
+
+@contextmanager
+def _side(loaded: Loaded, side: str) -> Iterator[None]:
+    """The state in which `loaded` answers as `side` ('adapter' or 'base').
+
+    A switchable adapter answers merged into the weights (`merge_adapter`): unmerged, DoRA
+    recomputes its weight norms on every token (40 tokens took 8.8 s instead of 3.3 s on the
+    embedded base, 2 cores). The base answers unmerged with the adapter off; it is loaded unmerged,
+    so base answers asked first (as `dlm prompt --side-by-side` does) see the saved weights
+    exactly, and after a merge `unmerge_adapter` subtracts the same update again."""
+    model = loaded.model
+    if side == "adapter" and loaded.adapter:
+        if loaded.base and not _merged(model):
+            model.merge_adapter()
+        yield
+    elif side == "base" and loaded.base and loaded.adapter:
+        if _merged(model):
+            model.unmerge_adapter()
+        with model.disable_adapter():
+            yield
+    elif side == "base" and loaded.base:
+        yield
+    else:
+        raise ValueError(f"this model was not loaded to answer as {side!r}")
+
+
+def _merged(model: Any) -> bool:
+    return any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "merged_adapters"))
+
+
+def answer(
+    loaded: Loaded,
+    questions: Sequence[str],
+    system: str | None,
+    *,
+    sides: Sequence[str] = ("adapter",),
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+) -> list[dict[str, str]]:
+    """`{"question": q, side: answer, ...}` for every question, in order: each side answers every
+    question in batches, through the chat template and system prompt as in training."""
+    heads = [render_chat(loaded.tokenizer, q, None, system)[0] for q in questions]
+    result = [{"question": q} for q in questions]
+    for side in sorted(sides, key=("base", "adapter").index):  # the base first, before any merge
+        with _side(loaded, side):
+            texts = generate_texts(
+                loaded.model, loaded.tokenizer, heads, max_new_tokens=max_new_tokens, temperature=temperature
+            )
+        for row, text in zip(result, texts):
+            row[side] = text
+    return result
+
+
+# --- chat ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chat:
+    """An interactive session: the model loaded once (adapter switchable), the conversation so far
+    (alternating user and assistant messages) and its switches."""
+
+    loaded: Loaded
+    system: str | None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    adapter: bool = True
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What one typed line led to: 'answer' (text is the answer), 'note' (a command's effect),
+    'unknown' (a command that does not exist; the session goes on), 'quit' or 'empty'."""
+
+    kind: str
+    text: str = ""
+
+
+def chat_turn(chat: Chat, line: str) -> Turn:
+    """Handle one typed line: a slash-command, or a message the model answers with the history."""
+    text = line.strip()
+    if not text:
+        return Turn("empty")
+    if not text.startswith("/"):
+        return Turn("answer", _reply(chat, text))
+    command, _, arg = text.partition(" ")
+    if command in ("/quit", "/exit"):
+        return Turn("quit")
+    if command in ("/base", "/adapter"):
+        chat.adapter = command == "/adapter"
+        return Turn("note", "adapter on" if chat.adapter else "adapter off: the base answers (/adapter turns it on)")
+    if command == "/reset":
+        chat.messages.clear()
+        return Turn("note", "conversation cleared")
+    if command == "/system":
+        chat.system = arg.strip() or chat.system
+        return Turn("note", f"system prompt: {chat.system or '(none: the template default)'}")
+    if command == "/help":
+        return Turn("note", CHAT_HELP)
+    return Turn("unknown", f"unknown command {command}; commands: {CHAT_HELP}")
+
+
+def _reply(chat: Chat, text: str) -> str:
+    """The answer to `text` after the conversation so far; the history grows only once it is given."""
+    loaded = chat.loaded
+    messages = [*chat.messages, {"role": "user", "content": text}]
+    head = conversation_head(loaded.tokenizer, messages, chat.system)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    # The oldest exchanges go first when the conversation no longer fits the model's context.
+    while limit and len(messages) > 2 and len(loaded.tokenizer(text=head)["input_ids"]) + chat.max_new_tokens > limit:
+        messages = messages[2:]
+        head = conversation_head(loaded.tokenizer, messages, chat.system)
+    with _side(loaded, "adapter" if chat.adapter else "base"):
+        (reply,) = generate_texts(
+            loaded.model, loaded.tokenizer, [head], max_new_tokens=chat.max_new_tokens, temperature=chat.temperature
         )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    chat.messages = [*messages, {"role": "assistant", "content": reply}]
+    return reply
 
 
+def conversation_head(tokenizer: Any, messages: Sequence[dict[str, str]], system: str | None) -> str:
+    """A conversation (alternating user and assistant, ending with the user) laid out for the next
+    answer; for a single question exactly `render_chat`'s prompt, as in training."""
+    if len(messages) == 1:
+        return render_chat(tokenizer, messages[0]["content"], None, system)[0]
+    if not getattr(tokenizer, "chat_template", None):
+        turns = zip(messages[0::2], messages[1::2])
+        done = "".join(FALLBACK_PROMPT.format(prompt=q["content"]) + a["content"] + "\n\n" for q, a in turns)
+        return done + FALLBACK_PROMPT.format(prompt=messages[-1]["content"])
+    full = ([{"role": "system", "content": system}] if system else []) + list(messages)
+    try:
+        head = tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=True)
+    except Exception:
+        if not system:
+            raise
+        # As render_chat: a template without a system role gets the system text in the first question.
+        first = {"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}
+        head = tokenizer.apply_chat_template([first, *messages[1:]], tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and head.startswith(bos) and tokenizer(text="x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        head = head[len(bos) :]  # the tokenizer adds BOS itself
+    return head
+
+
+# --- scoring -------------------------------------------------------------------------------------
 def score_adapters(
     base_folder: Path,
     adapters: dict[str, Path],
