@@ -57,7 +57,7 @@ def test_probe_replaces_estimates_with_measurements(doc: Path, tmp_path: Path) -
     from dlm.train.probe import probe_file
 
     hw = device.probe()
-    planned = diagnose(doc, hw).plan.estimates
+    planned = diagnose(doc, hw, tmp_path / "home").plan.estimates  # counted as the probe counts
     d = probe_file(doc, hw, tmp_path / "home", 4)
     est, p = d.plan.estimates, d.probe
     assert est.measured and not planned.measured

@@ -213,8 +213,12 @@ def test_dora_dropout_mode_reaches_the_trained_model(base: Path, tmp_path: Path,
     layers = [m for m in snap.model.modules() if isinstance(m, Linear)]
     patched = [m for m in layers if m.lora_variant["default"].__dict__.get("forward") is _factored_forward]
     if mode == "branch":
-        assert events["dora_dropout"] == {"mode": "branch", "factored_norm": True, "layers": 8}
-        assert len(patched) == len(layers) == 8
+        assert events["dora_dropout"] == {
+            "mode": "branch",
+            "factored_norm": True,
+            "layers": 14,
+        }  # 2 layers x 7 linear (all-linear)
+        assert len(patched) == len(layers) == 14
     else:
         assert "dora_dropout" not in events and not patched
     assert not any(torch.equal(snap.before[n], snap.after[n]) for n in snap.before)  # it trained
