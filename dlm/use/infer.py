@@ -435,21 +435,13 @@ def _score_adapters(
 ) -> dict[str, Any]:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = list(adapters)
     if not names or "base" in names:
         raise ValueError(f"adapter names must be given and must not be 'base': {names}")
     # An adapter saved with its own tokenizer grew the vocabulary (an added pad): load that one.
     tok_dir = next((Path(d) for d in adapters.values() if (Path(d) / "tokenizer_config.json").is_file()), base_folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=trust_remote_code)
-    base = AutoModelForCausalLM.from_pretrained(
-        str(base_folder), trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype)
-    )
-    ensure_pad_token(tokenizer, base)
-    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer))
-    base.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base, tokenizer = _load_base(base_folder, tok_dir, trust_remote_code, dtype, device)
     model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(adapters[name]), adapter_name=name)
