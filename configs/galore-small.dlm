@@ -10,7 +10,7 @@ training:
   lora_alpha: 16                # scale = 16 / 8 = 2
   target_modules: auto          # q_proj, k_proj, v_proj, o_proj
   optimizer: galore_adamw       # gradient low-rank projection, then AdamW
-  galore_rank: 4                # projection rank; must not exceed the smaller side of each matrix (r = 8)
+  galore_rank: 4                # projection rank, below lora_r (8) or nothing is projected; auto (unset) picks 4 too
   galore_update_proj_gap: 50    # recompute the projection every 50 optimizer steps
   galore_scale: 0.25            # scale of the projected update
   learning_rate: 2.0e-4

@@ -383,3 +383,188 @@ def test_factored_norm_cache_follows_every_optimizer_step(optimizer):
         ref.load_state_dict(fast.state_dict())
         with torch.no_grad():
             torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# --- the guards: parity in the training precision, the self-check, the fallback ------------------
+
+# Parity of dlm's forward with PEFT's through the whole tiny model at dropout 0, as max |dlm - PEFT| /
+# max |PEFT| for the logits and for every trainable parameter's gradient. fp32 rounds at 6e-8 per op:
+# measured 7e-7 (logits) and 2e-6 (gradients). bf16 (GPU plans: a bf16 base under bf16 autocast, PEFT's
+# fp32 adapter weights) rounds at 3.9e-3 per op and the two forwards round in different orders, through
+# two layers and the loss: measured 1.8-2.3e-2 and 2.5-3.6e-2 over three batches, the size of PEFT's own
+# bf16 error against its fp32 run (1.6-2.0e-2, 2.5-3.4e-2). So in bf16 the test also asks that dlm's
+# run be no further from PEFT's fp32 run than twice PEFT's bf16 run is.
+MODEL_TOLERANCE = {"fp32": (1e-5, 1e-4), "bf16": (4e-2, 6e-2)}  # (logits, gradients)
+
+
+def _relative(got, want) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+
+def _train_step(dtype, fast: bool):
+    """(logits, {name: grad}) of one training forward and backward of the tiny DoRA Llama at dropout 0,
+    its base in `dtype` (bf16: under bf16 autocast), on PEFT's forward or dlm's."""
+    import contextlib
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dlm.train.dora_fast import enable_branch_dropout
+
+    base = _tiny_llama(0).to(dtype)  # PEFT keeps the adapter's weights in fp32 (autocast_adapter_dtype)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True, target_modules=TARGETS)
+    model = get_peft_model(base, config)
+    _perturb(model, 0)
+    if fast:
+        assert enable_branch_dropout(model, factored_norm=True) == N_LAYERS
+    model.train()
+    ids = _ids()
+    ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with ctx:
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _errors(got, want) -> tuple[float, float]:
+    """(logits error, worst gradient error) of one step's results against another's."""
+    assert got[1].keys() == want[1].keys() and len(want[1]) == 3 * N_LAYERS  # A, B, magnitude
+    return _relative(got[0], want[0]), max(_relative(got[1][n], want[1][n]) for n in want[1])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dlm_forward_matches_peft_in_the_training_precision(precision):
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    peft, dlm = _train_step(dtype, fast=False), _train_step(dtype, fast=True)
+    logits_err, grad_err = _errors(dlm, peft)
+    logits_tol, grad_tol = MODEL_TOLERANCE[precision]
+    assert logits_err <= logits_tol and grad_err <= grad_tol, (logits_err, grad_err)
+    if precision == "bf16":  # no worse than bf16 itself: PEFT's own bf16 error against its fp32 run
+        truth = _train_step(torch.float32, fast=False)
+        for ours, theirs in zip(_errors(dlm, truth), _errors(peft, truth), strict=True):
+            assert ours <= 2 * theirs, (ours, theirs)
+
+
+def _norm_of_w_alone(module, active_adapter, x, result, **kwargs):
+    """A wrong forward: DoRA's row norm from W alone, without s*BA (its outputs differ)."""
+    base = module.get_base_layer()
+    g = (module.lora_magnitude_vector[active_adapter].weight / base.weight.float().norm(dim=1)).view(1, -1)
+    lora = module.lora_B[active_adapter](module.lora_A[active_adapter](module.lora_dropout[active_adapter](x)))
+    plain = result - base.bias if base.bias is not None else result
+    out = (plain + module.scaling[active_adapter] * lora) * g
+    return out + base.bias if base.bias is not None else out
+
+
+def _magnitude_detached(module, active_adapter, x, result, **kwargs):
+    """A wrong forward with the right outputs: the magnitude is detached, so it would never learn."""
+    base = module.get_base_layer()
+    a, b, s = module.lora_A[active_adapter], module.lora_B[active_adapter], module.scaling[active_adapter]
+    norm = (base.weight.float() + s * (b.weight.float() @ a.weight.float())).norm(dim=1).detach()
+    g = (module.lora_magnitude_vector[active_adapter].weight.detach() / norm).view(1, -1)
+    plain = result - base.bias if base.bias is not None else result
+    out = (plain + s * b(a(module.lora_dropout[active_adapter](x)))) * g
+    return out + base.bias if base.bias is not None else out
+
+
+def _another_peft_api(module, active_adapter, x, result, **kwargs):
+    """A forward written against another PEFT: DoraLinearLayer refuses its arguments (TypeError)."""
+    return result + module.lora_magnitude_vector[active_adapter](x, lora=module.lora_A[active_adapter])
+
+
+CHECKED = [  # (base weight dtype, autocast): the dtypes of fp32, CPU-bf16 and GPU bf16 / fp16 plans
+    ("float32", None),
+    ("float32", "bfloat16"),
+    ("bfloat16", "bfloat16"),
+    ("float16", "float16"),
+]
+
+
+@pytest.mark.parametrize(("base_dtype", "autocast"), CHECKED)
+def test_parity_check_passes_for_dlm_forwards(base_dtype, autocast):
+    import torch
+
+    from dlm.train.dora_fast import TOLERANCE, _branch_forward, _factored_forward, parity_check
+
+    dt = lambda name: getattr(torch, name) if name else None  # noqa: E731
+    for name, forward in (("factored", _factored_forward), ("branch", _branch_forward)):
+        p = parity_check(
+            forward, name, dt(base_dtype), torch.float32, torch.float32, torch.device("cpu"), autocast=dt(autocast)
+        )
+        assert p.ok, p.line()
+        assert p.tolerance == TOLERANCE[autocast or base_dtype]
+        assert p.output_error <= p.tolerance and p.grad_error <= p.tolerance
+
+
+@pytest.mark.parametrize(
+    ("forward", "problem"),
+    [(_norm_of_w_alone, "the outputs differ"), (_magnitude_detached, "the magnitude gradient differs"),
+     (_another_peft_api, "TypeError")],
+    ids=["outputs", "gradients", "api"],
+)  # fmt: skip
+@pytest.mark.parametrize(("base_dtype", "autocast"), [("float32", None), ("bfloat16", "bfloat16")])
+def test_parity_check_catches_a_wrong_forward(forward, problem, base_dtype, autocast):
+    import torch
+
+    from dlm.train.dora_fast import parity_check
+
+    dt = lambda name: getattr(torch, name) if name else None  # noqa: E731
+    p = parity_check(
+        forward, "planted", dt(base_dtype), torch.float32, torch.float32, torch.device("cpu"), autocast=dt(autocast)
+    )
+    assert not p.ok and problem in p.problem, p.line()
+
+
+def _peft_forwards(model) -> bool:
+    return all("forward" not in v.__dict__ for m in _adapted(model) for v in m.lora_variant.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_switch_on_checks_then_switches(precision):
+    from dlm.train.dora_fast import switch_on
+
+    model = _tiny_dora(dropout=0.0)
+    switch = switch_on(model, precision=precision)
+    assert (switch.forward, switch.layers, switch.code, switch.finding()) == ("dlm", N_LAYERS, "", None)
+    assert [c.forward for c in switch.checks] == ["factored", "branch"] and all(c.ok for c in switch.checks)
+    assert switch.checks[0].autocast == (None if precision == "fp32" else "bfloat16")
+    assert not _peft_forwards(model)
+    assert switch.event()["forward"] == "dlm" and "parity self-check passed" in switch.reason
+
+
+def test_switch_on_falls_back_when_the_self_check_fails(monkeypatch):
+    """A planted wrong forward never reaches the model: PEFT's forward stays, with a warn finding."""
+    import torch
+
+    from dlm.train import dora_fast
+
+    monkeypatch.setattr(dora_fast, "_factored_forward", _norm_of_w_alone)
+    model, ref = _tiny_dora(dropout=0.0), _tiny_dora(dropout=0.0)
+    switch = dora_fast.switch_on(model)
+    assert (switch.forward, switch.layers, switch.code) == ("peft", 0, "dora-forward-parity")
+    assert "the outputs differ" in switch.reason and _peft_forwards(model)
+    finding = switch.finding()
+    assert finding["level"] == "warn" and finding["code"] == "dora-forward-parity"
+    assert finding["evidence"]["checks"][0]["ok"] is False
+    model.train(), ref.train()
+    assert torch.equal(model(input_ids=_ids()).logits, ref(input_ids=_ids()).logits)
+
+
+def test_switch_on_falls_back_outside_the_tested_peft_range():
+    from dlm.train.dora_fast import switch_on
+
+    model = _tiny_dora(dropout=0.0)
+    switch = switch_on(model, peft_version="0.23.0")
+    assert (switch.forward, switch.layers, switch.code, switch.checks) == ("peft", 0, "dora-forward-peft-version", ())
+    assert "0.23.0 is outside >=0.21,<0.22" in switch.reason and _peft_forwards(model)
+
+
+def test_switch_on_leaves_lora_alone():
+    from peft import LoraConfig, get_peft_model
+
+    from dlm.train.dora_fast import switch_on
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    switch = switch_on(model)
+    assert (switch.forward, switch.layers, switch.code) == ("peft", 0, "")

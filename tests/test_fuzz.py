@@ -910,7 +910,7 @@ valid_training = st.fixed_dictionaries(
         ),
         "use_rslora": st.booleans(),
         "optimizer": st.sampled_from(typing.get_args(Training.model_fields["optimizer"].annotation)),
-        "galore_rank": st.integers(1, 10**6),
+        "galore_rank": st.one_of(st.just("auto"), st.integers(1, 10**6)),
         "galore_scale": st.floats(1e-9, 1e6, **finite),
         "learning_rate": st.floats(1e-12, 1, **finite),
         "num_epochs": st.one_of(st.integers(1, 10_000), st.floats(1e-6, 10_000, **finite)),

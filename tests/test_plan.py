@@ -38,6 +38,9 @@ def hw(name: str) -> HardwareFacts:
     if name == "cpu-bf16":  # a CPU with native bf16 (AMX / AVX512-BF16)
         base = load_fixture(HW_DIR / "cpu.json")
         return dataclasses.replace(base, native_bf16=True, cpu_flags=("avx512_bf16", "avx512f", "avx2"))
+    if name.startswith("cpu-without-"):  # the CPU fixture where an optional package is not installed
+        missing = (name.removeprefix("cpu-without-"),)
+        return dataclasses.replace(load_fixture(HW_DIR / "cpu.json"), missing_packages=missing)
     return load_fixture(HW_DIR / f"{name}.json")
 
 
@@ -203,6 +206,36 @@ FINDING_CASES: list[tuple[str, dict, dict]] = [
         dict(optimizer="adamw_torch", machine="h100", world_size=8, sharding="zero2"),
     ),
     ("multi-process-mps", dict(machine="mps", world_size=2), dict(machine="mps", world_size=1)),
+    (
+        "report-needs-tensorboard",
+        dict(report_to="tensorboard", machine="cpu-without-tensorboard"),
+        dict(report_to="tensorboard", machine="cpu"),
+    ),
+    (
+        "report-needs-tensorboard",
+        dict(report_to="tensorboard", machine="cpu-without-tensorboard"),
+        dict(report_to="none", machine="cpu-without-tensorboard"),
+    ),
+    (
+        "galore-needs-galore-torch",
+        dict(optimizer="galore_adamw_8bit", machine="cpu-without-galore-torch"),
+        dict(optimizer="galore_adamw_8bit", machine="cpu"),
+    ),
+    (
+        "galore-needs-galore-torch",
+        dict(optimizer="galore_adamw", machine="cpu-without-galore-torch"),
+        dict(optimizer="adamw_torch", machine="cpu-without-galore-torch"),
+    ),
+    (
+        "galore-rank-no-projection",
+        dict(optimizer="galore_adamw", lora_r=8, galore_rank=8),
+        dict(optimizer="galore_adamw", lora_r=8, galore_rank=7),
+    ),
+    (  # the old default rank, 128, against auto (half of lora_r)
+        "galore-rank-no-projection",
+        dict(optimizer="galore_adamw", galore_rank=128),
+        dict(optimizer="galore_adamw"),
+    ),
 ]
 LEVELS = {
     "dora-with-dropout": "warn",
@@ -231,6 +264,9 @@ LEVELS = {
     "fp16-on-cpu": "warn",
     "galore-sharded": "block",
     "multi-process-mps": "block",
+    "report-needs-tensorboard": "block",
+    "galore-needs-galore-torch": "block",
+    "galore-rank-no-projection": "warn",
 }
 
 
@@ -809,7 +845,10 @@ def test_sft_kwargs_carry_every_spec_knob() -> None:
     assert kw["warmup_steps"] == 0.1 and "warmup_ratio" not in kw
     assert (kw["weight_decay"], kw["max_grad_norm"], kw["seed"], kw["data_seed"]) == (0.01, 0.5, 7, 7)
     assert (kw["eval_strategy"], kw["eval_steps"], kw["save_steps"], kw["logging_steps"]) == ("steps", 3, 5, 2)
-    assert kw["report_to"] == "tensorboard" and kw["packing"] is True and kw["num_train_epochs"] == 2.0
+    assert kw["packing"] is True and kw["num_train_epochs"] == 2.0
+    # dlm writes the tracker's log itself (runs/rNNNN/logs/, kept): transformers' callback would write
+    # under checkpoints/, pruned after the commit (dlm/train/logs.py)
+    assert kw["report_to"] == "none" and p.runtime_kwargs["report_to"] == "tensorboard"
     assert kw["optim"] == "adamw_torch_fused" and kw["completion_only_loss"] is True
 
 
@@ -851,7 +890,7 @@ def test_galore_targets_exactly_the_adapter_layers() -> None:
 
 
 def _calibration(**training: Any) -> float:
-    rows = corpus(n_train=40, mean=64, longest=64)  # batch 4 x 64 tokens, r=8 on q/k/v/o, as measured in STACK.md
+    rows = corpus(n_train=40, mean=64, longest=64)  # 4 x 64 tokens, r=8 on q/k/v/o (docs/estimates.md)
     knobs = {"target_modules": "auto", **training}
     return plan("cpu", stats=rows, micro_batch_size=4, grad_accum=1, **knobs).estimates.step_seconds
 

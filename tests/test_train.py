@@ -191,10 +191,12 @@ def test_adapter_trains_saves_reloads_and_merges(
     assert isinstance(text, str)
 
 
-@pytest.mark.parametrize("mode", ["branch", "input"])
+@pytest.mark.parametrize("mode", ["branch", "input", "peft"])
 def test_dora_dropout_mode_reaches_the_trained_model(base: Path, tmp_path: Path, mode: str) -> None:
-    """`dora_dropout: branch` (the default) puts every DoRA layer of the trained model on dlm's forward
-    (branch dropout, factored norm); `input` leaves PEFT's forward alone. Either way the saved adapter is a plain PEFT DoRA adapter with the same dropout."""
+    """`dora_dropout: branch` puts every DoRA layer of the trained model on dlm's forward (branch dropout,
+    factored norm) once its parity self-check passed; `input` (the default) leaves PEFT's forward alone, and so
+    does `dora_forward: peft` (here with `dora_dropout: branch`: PEFT's wins). Either way the saved adapter
+    is a plain PEFT DoRA adapter with the same dropout."""
     import torch
     from peft import PeftModel
     from peft.tuners.lora.layer import Linear
@@ -204,7 +206,8 @@ def test_dora_dropout_mode_reaches_the_trained_model(base: Path, tmp_path: Path,
     from dlm.train.dora_fast import _factored_forward
 
     tr, held = _examples()
-    plan = make_test_plan(base, tr, held, adapter="dora", lora_dropout=0.1, dora_dropout=mode, max_steps=4)
+    keys = {"dora_dropout": "branch", "dora_forward": "peft"} if mode == "peft" else {"dora_dropout": mode}
+    plan = make_test_plan(base, tr, held, adapter="dora", lora_dropout=0.1, max_steps=4, **keys)
     snap, events = Snapshot(), {}
     summary = train.run(
         plan, tr, held, base, tmp_path, callbacks=[snap], eval_base=False, on_event=lambda k, d: events.setdefault(k, d)
@@ -213,14 +216,17 @@ def test_dora_dropout_mode_reaches_the_trained_model(base: Path, tmp_path: Path,
     layers = [m for m in snap.model.modules() if isinstance(m, Linear)]
     patched = [m for m in layers if m.lora_variant["default"].__dict__.get("forward") is _factored_forward]
     if mode == "branch":
-        assert events["dora_dropout"] == {
-            "mode": "branch",
-            "factored_norm": True,
-            "layers": 14,
-        }  # 2 layers x 7 linear (all-linear)
+        event = events["dora_forward"]
+        assert (event["forward"], event["factored_norm"], event["layers"]) == ("dlm", True, 14)  # 2 x 7 (all-linear)
+        assert [(c["forward"], c["ok"], c["dtype"]) for c in event["checks"]] == [
+            ("factored", True, "float32"),
+            ("branch", True, "float32"),
+        ]
         assert len(patched) == len(layers) == 14
     else:
-        assert "dora_dropout" not in events and not patched
+        assert "dora_forward" not in events and not patched
+        assert all("forward" not in m.lora_variant["default"].__dict__ for m in layers)  # PEFT's own
+    assert summary.findings == ()
     assert not any(torch.equal(snap.before[n], snap.after[n]) for n in snap.before)  # it trained
     config = json.loads((Path(summary.adapter_dir) / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["lora_dropout"] == 0.1
@@ -228,6 +234,35 @@ def test_dora_dropout_mode_reaches_the_trained_model(base: Path, tmp_path: Path,
     ids = torch.tensor([[1, 520, 2103, 314, 253, 1789, 47, 2, 198]])
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), summary.adapter_dir)
     assert torch.equal(_logits(reloaded.eval(), ids), _logits(snap.model.eval(), ids))  # eval: PEFT's own maths
+
+
+def test_a_failed_parity_self_check_trains_with_peft_forward(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong dlm forward (planted: the row norm of W alone) fails the self-check before training: the
+    run trains with PEFT's forward, says so in its `dora_forward` event and records the warn finding."""
+    from peft.tuners.lora.layer import Linear
+
+    from dlm.train import dora_fast
+    from dlm.train import run as train
+    from tests.test_dora_fast import _norm_of_w_alone
+
+    monkeypatch.setattr(dora_fast, "_factored_forward", _norm_of_w_alone)
+    tr, held = _examples()
+    plan = make_test_plan(base, tr, held, adapter="dora", lora_dropout=0.0, max_steps=2)
+    assert plan.runtime_kwargs["dora_dropout"] == "branch"  # the plan chose dlm's forward
+    snap, events = Snapshot(), {}
+    summary = train.run(
+        plan, tr, held, base, tmp_path, callbacks=[snap], eval_base=False, on_event=lambda k, d: events.setdefault(k, d)
+    )
+    assert summary.status == "ok", summary.message
+    assert events["dora_forward"]["forward"] == "peft" and events["dora_forward"]["layers"] == 0
+    assert "failed its parity self-check" in events["dora_forward"]["reason"]
+    (finding,) = summary.findings
+    assert (finding["level"], finding["code"]) == ("warn", "dora-forward-parity")
+    assert summary.to_json()["findings"] == [finding]
+    layers = [m for m in snap.model.modules() if isinstance(m, Linear)]
+    assert layers and all("forward" not in m.lora_variant["default"].__dict__ for m in layers)
 
 
 def test_packed_rows_never_attend_to_each_other(base: Path) -> None:

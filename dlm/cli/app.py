@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -178,6 +178,11 @@ def schema() -> None:
 
 _NOTES = {  # training events worth a line above the progress bar
     "load": lambda d: f"loading base {d['base']}",
+    "dora_forward": lambda d: (
+        f"DoRA: dlm's forward on {d['layers']} layers ({d['reason']})"
+        if d["forward"] == "dlm"
+        else f"DoRA: PEFT's own forward ({d['reason']})"
+    ),
     "interrupt": lambda d: f"{d['signal']}: saving a checkpoint at the end of this step",
     "checkpoint": lambda d: f"checkpoint {d['path']}",
     "eval": lambda d: (
@@ -253,8 +258,8 @@ def train(
             resume=resume,
             fresh=fresh,
             on_plan=on_plan,
-            on_step=lambda *a: live.on_step(*a),
-            on_event=lambda kind, data: live.on_event(kind, data),
+            on_step=lambda *a: live.on_step(*a) if live.on_step else None,
+            on_event=lambda kind, data: live.on_event(kind, data) if live.on_event else None,
         )
     if not quiet:
         render.trained(out, outcome, State.home)
@@ -292,6 +297,13 @@ def _questions(text: str | None, path: Path | None) -> list[str]:
     return questions
 
 
+def prompt_findings(plan: Any) -> list[Any]:
+    """The prompt plan's findings about answering (`PROMPT_CODES`), which `dlm prompt` and `dlm chat` show."""
+    from dlm.plan.findings import PROMPT_CODES
+
+    return [f for f in plan.findings if f.code in PROMPT_CODES]
+
+
 def _loaded_for(file: Path, *, adapter: bool, base: bool):
     """The document's current version and its model, loaded once; a stale adapter is noted."""
     from dlm.store import current
@@ -301,6 +313,8 @@ def _loaded_for(file: Path, *, adapter: bool, base: bool):
     cur = current.current(file, State.home)
     if cur.stale and State.verbosity >= 0:
         err.print(f"note: {file} changed since {cur.version_dir.name} was trained; `dlm train {file}` refreshes it")
+    if State.verbosity >= 0:
+        render.finding_lines(err, prompt_findings(cur.prepared.plan))
     folder = basefolder.materialize(cur.prepared.base, State.home)
     trust = cur.prepared.spec.trust_remote_code
     return cur, infer.load_for_answers(cur.version_dir, folder, adapter=adapter, base=base, trust_remote_code=trust)
@@ -347,7 +361,19 @@ def prompt(
         temperature=temperature,
     )
     if json_out:
-        render.as_json(out, {"dlm_prompt": 1, "version": cur.version_dir.name, "stale": cur.stale, "answers": answers})
+        findings = [
+            {"level": f.level, "code": f.code, "message": f.message} for f in prompt_findings(cur.prepared.plan)
+        ]
+        render.as_json(
+            out,
+            {
+                "dlm_prompt": 1,
+                "version": cur.version_dir.name,
+                "stale": cur.stale,
+                "findings": findings,
+                "answers": answers,
+            },
+        )
     else:
         render.answers(out, answers, sides)
 
@@ -489,7 +515,7 @@ def compare(
 
 
 # typer >= 0.29 vendors click; find its exception base through a public class either way.
-_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_ClickException: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 def main() -> None:

@@ -123,6 +123,14 @@ def findings(console: Console, items: Any) -> None:
     console.print(table)
 
 
+def finding_lines(console: Console, items: Any) -> None:
+    """Findings as one line each (`info dora-unmerged-inference: ...`), for commands that are not doctor."""
+    for f in items:
+        console.print(
+            f"[{LEVEL_STYLE[f.level]}]{f.level}[/] {f.code}: {escape(f.message)}", highlight=False, soft_wrap=True
+        )
+
+
 def as_json(console: Console, data: Any) -> None:
     """Stable JSON: sorted keys, two-space indent, no rich markup."""
     console.file.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -189,6 +197,9 @@ class TrainView:
 
 def trained(console: Console, outcome: Any, home: Any) -> None:
     s = outcome.summary
+    for f in s.findings:  # run-time findings: where the run did not do what the plan said
+        style = LEVEL_STYLE[f["level"]]
+        console.print(f"[{style}]{f['level']}[/] {f['code']}: {escape(f['message'])}", highlight=False, soft_wrap=True)
     store = outcome.store.root
     if s.status == "interrupted":
         console.print(

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from dlm.doc.grammar import Doc
-from dlm.errors import DlmError
+from dlm.errors import DlmError, DlmErrors
 
 SCAFFOLD = """\
 ---
@@ -61,66 +61,115 @@ def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     return tuple(key.strip().split(".")), value
 
 
-def _scalar(value: Any) -> str:
+def _scalar(value: Any, flow: bool = False) -> str:
+    """`value` as YAML on one line; inside a flow collection (`{...}`, `[...]`), quoted where a comma
+    or bracket would otherwise end it."""
+    if flow:  # dumped as the only item of a flow list, so the emitter quotes for flow context
+        return yaml.safe_dump([value], default_flow_style=True, width=10_000).strip()[1:-1].strip()
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
-def _replace_value(line: str, col: int, key: str, value: Any) -> str:
-    """Swap the value after `key:` on this line, keeping indentation and any trailing comment."""
-    start = col - 1 + len(key)
-    m = re.match(r"\s*:\s*", line[start:])
-    if not m:
-        raise DlmError(f"cannot edit the value of '{key}' in place", "edit the file by hand")
-    head = line[: start + m.end()]
-    rest = line[start + m.end() :]
-    comment = re.search(r"\s+#.*$", rest)
-    tail = comment.group(0) if comment else ""
-    return head + _scalar(value) + tail
+def _frontmatter(lines: list[str], doc: Doc) -> tuple[int, int]:
+    """(first, end): the frontmatter's line indexes in `lines`, `end` exclusive (a .dlm's closing
+    `---`); `lines` may have grown by inserted keys since `doc` was read, all inside the frontmatter."""
+    grown = len(lines) - len(doc.text.split("\n"))
+    if doc.path.endswith((".yaml", ".yml")):
+        return 0, len(lines) if lines[-1] != "" else len(lines) - 1
+    return 1, doc.body_line - 2 + grown  # between the `---` lines, as grammar.py found them
+
+
+def _node(root: yaml.Node | None, keys: tuple[str, ...]) -> tuple[yaml.MappingNode | None, yaml.Node | None]:
+    """(the mapping that holds keys[-1], its value node), following keys from the root; None where a
+    level is missing. Keys that come only through a merge key (`<<`) count as missing here."""
+    parent: yaml.Node | None = root
+    for depth, key in enumerate(keys):
+        if not isinstance(parent, yaml.MappingNode):
+            return None, None
+        value = next((v for k, v in parent.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+        if depth == len(keys) - 1:
+            return parent, value
+        parent = value
+    return None, None
 
 
 def twin(text: str, doc: Doc, new_id: str, overrides: list[tuple[tuple[str, ...], Any]]) -> str:
-    """The document's text with a fresh id and each override applied on its key's own line."""
+    """The document's text with a fresh id and each override applied where its value is written.
+
+    A value is replaced in its own span, in block style (`key: value  # comment`) and flow style
+    (`training: {adapter: lora}`) alike, so comments and layout survive; a key the document lacks is
+    added to its parent mapping (as a line, or as `, key: value` inside a flow mapping)."""
     lines = text.split("\n")
-    edits = [(("dlm_id",), new_id), *overrides]
-    for keys, value in edits:
-        pos = doc.positions.get(keys)
-        if pos is None:
-            lines = _insert(lines, doc, keys, value)
-            continue
-        line, col = pos
-        current = doc.frontmatter
-        for k in keys:
-            current = current.get(k) if isinstance(current, dict) else None
-        if isinstance(current, (dict, list)) and lines[line - 1].rstrip().endswith(":"):
+    for keys, value in [(("dlm_id",), new_id), *overrides]:
+        first, end = _frontmatter(lines, doc)
+        root = yaml.compose("\n".join(lines[first:end]) + "\n")
+        parent, node = _node(root, keys)
+        name = ".".join(keys)
+        if node is None and len(keys) > 2:
+            raise DlmError(f"--set {name}: nesting that deep is not in the schema", "see docs/format.md")
+        if node is not None:
+            lines = _replace(lines, first, parent, node, name, value)
+        elif parent is not None and parent.flow_style:
+            lines = _insert_flow(lines, first, parent, keys[-1], value)
+        elif parent is not None:
+            lines = _insert(lines, first, end, parent, keys[-1], value)
+        elif len(keys) == 2 and _node(root, keys[:1])[1] is not None:
             raise DlmError(
-                f"--set {'.'.join(keys)} replaces only values written on one line",
-                "edit the file by hand, or write the value in flow style ([a, b])",
+                f"--set {name}: '{keys[0]}' is not written as a mapping in this document",
+                f"edit the file by hand: '{keys[0]}' needs `key: value` lines under it",
             )
-        lines[line - 1] = _replace_value(lines[line - 1], col, keys[-1], value)
+        else:  # a top-level key, or a section the document lacks: at the frontmatter's end
+            add = (
+                [f"{keys[0]}: {_scalar(value)}"]
+                if len(keys) == 1
+                else [f"{keys[0]}:", f"  {keys[1]}: {_scalar(value)}"]
+            )
+            lines = lines[:end] + add + lines[end:]
     return "\n".join(lines)
 
 
-def _insert(lines: list[str], doc: Doc, keys: tuple[str, ...], value: Any) -> list[str]:
-    """Add a key the document does not have: under its parent mapping, or at the frontmatter's end."""
-    if doc.path.endswith((".yaml", ".yml")):
-        end = len(lines) if lines[-1] != "" else len(lines) - 1
-    else:
-        end = doc.body_line - 2  # index of the closing `---` line, as doc.py found it
-    if len(keys) == 1:
-        return lines[:end] + [f"{keys[0]}: {_scalar(value)}"] + lines[end:]
-    parent = keys[:-1]
-    if len(parent) > 1:
-        raise DlmError(f"--set {'.'.join(keys)}: nesting that deep is not in the schema", "see docs/format.md")
-    pos = doc.positions.get(parent)
-    if pos is None:
-        return lines[:end] + [f"{parent[0]}:", f"  {keys[-1]}: {_scalar(value)}"] + lines[end:]
-    line = pos[0]  # insert right after the parent key's line, indented as its first child
-    child_indent = "  "
-    for probe in lines[line:end]:
-        if probe.strip() and not probe.lstrip().startswith("#"):
-            child_indent = probe[: len(probe) - len(probe.lstrip())] or "  "
-            break
-    return lines[:line] + [f"{child_indent}{keys[-1]}: {_scalar(value)}"] + lines[line:]
+def _replace(
+    lines: list[str], first: int, parent: yaml.MappingNode | None, node: yaml.Node, name: str, value: Any
+) -> list[str]:
+    """Swap the value node's own characters for `value`; refuse what is not written on one line."""
+    start, stop = node.start_mark, node.end_mark
+    one_line = isinstance(node, yaml.ScalarNode) and node.style not in ("|", ">")
+    one_line = one_line or (isinstance(node, yaml.CollectionNode) and bool(node.flow_style))
+    if not one_line or start.line != stop.line:
+        raise DlmError(
+            f"--set {name} replaces only values written on one line",
+            "edit the file by hand, or write the value in flow style ([a, b])",
+        )
+    key = next(k for k, v in parent.value if v is node) if parent is not None else None
+    if key is not None and (start.line, start.column) < (key.end_mark.line, key.end_mark.column):
+        raise DlmError(
+            f"--set {name}: its value is a YAML alias (*name) of a value written elsewhere",
+            "edit the file by hand, or write the value out instead of the alias",
+        )
+    i = first + start.line
+    row = lines[i]
+    new = _scalar(value, flow=bool(parent is not None and parent.flow_style))
+    return [*lines[:i], row[: start.column] + new + row[stop.column :], *lines[i + 1 :]]
+
+
+def _insert_flow(lines: list[str], first: int, parent: yaml.MappingNode, key: str, value: Any) -> list[str]:
+    """Add `key: value` before the closing brace of a flow mapping."""
+    stop = parent.end_mark  # just after the '}'
+    i, col = first + stop.line, stop.column - 1
+    row = lines[i]
+    item = f"{key}: {_scalar(value, flow=True)}"
+    head = row[:col].rstrip()
+    sep = "" if head.endswith("{") else ", "
+    return [*lines[:i], head + sep + item + row[col:], *lines[i + 1 :]]
+
+
+def _insert(lines: list[str], first: int, end: int, parent: yaml.MappingNode, key: str, value: Any) -> list[str]:
+    """Add `key: value` to a block mapping: as its first line, indented as its other keys (at the
+    frontmatter's end for the root mapping, after its last key)."""
+    child = parent.value[0][0].start_mark if parent.value else None
+    if child is None or child.column == 0:  # the root mapping: at the frontmatter's end
+        return lines[:end] + [f"{key}: {_scalar(value)}"] + lines[end:]
+    i = first + child.line
+    return lines[:i] + [f"{' ' * child.column}{key}: {_scalar(value)}"] + lines[i:]
 
 
 def make_twin(file: Path, sets: list[str], output: Path | None) -> Path:
@@ -147,7 +196,16 @@ def make_twin(file: Path, sets: list[str], output: Path | None) -> Path:
                 str(file),
             )
         output = file.with_name(name)
-    checked = parse_doc(text, str(output))
-    parse_spec(checked.frontmatter, checked.positions, str(output))
+    try:
+        checked = parse_doc(text, str(output))
+        parse_spec(checked.frontmatter, checked.positions, str(output))
+    except DlmError as exc:  # located in the copy, which is not written: say so, point at the original
+        problems = exc.errors if isinstance(exc, DlmErrors) else [exc]
+        shown = "; ".join(f"line {e.line}: {e.message}" if e.line else e.message for e in problems)
+        raise DlmError(
+            f"the twin would not be a valid document, so {output} was not written: {shown}",
+            problems[0].hint or "check the --set values against docs/format.md",
+            str(file),
+        ) from None
     write_new(output, text)
     return output

@@ -263,7 +263,8 @@ def _messages(messages: Any, shown: str, n: int, heldout: bool, fail: Any, text:
     if not turns or len(turns) % 2:
         raise fail("the conversation does not end with an assistant reply", "messages", hint)
     pairs = tuple(QA(turns[k][1], turns[k + 1][1], n) for k in range(0, len(turns), 2))
-    return Section("instruction", shown, n, heldout, pairs=pairs, system=system)
+    # Several exchanges are one conversation: later turns train with the earlier ones as context.
+    return Section("instruction", shown, n, heldout, pairs=pairs, system=system, conversation=len(pairs) > 1)
 
 
 def _first(line: str) -> int:

@@ -67,6 +67,7 @@ class Section:
     pairs: tuple[QA, ...] = ()  # instruction
     triples: tuple[Triple, ...] = ()  # preference
     system: str | None = None  # a `messages` row's own system prompt
+    conversation: bool = False  # a multi-turn `messages` row: its pairs are one conversation, trained whole
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def _fence(raw: str, path: str, line: int) -> tuple[SectionKind, bool]:
     if m:
         return m[1], bool(m[2])  # type: ignore[return-value]
     words = stripped[2:-2].split()
-    kind = (difflib.get_close_matches(words[0].lower(), KINDS, 1, 0.6) or [None])[0] if words else None
+    kind = next(iter(difflib.get_close_matches(words[0].lower(), KINDS, 1, 0.6)), None) if words else None
     held = any(
         w.lower() in ("held-out", "held_out", "holdout") or difflib.get_close_matches(w.lower(), ["heldout"], 1, 0.7)
         for w in words[1:]

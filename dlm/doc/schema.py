@@ -56,6 +56,11 @@ class Training(_Frozen):
         description="DoRA with lora_dropout > 0: input = PEFT's form, a second base matmul per adapted "
         "layer; branch = dropout on the low-rank branch only, base output reused (torchtune, mlx-lm)",
     )
+    dora_forward: Literal["dlm", "peft"] = Field(
+        "dlm",
+        description="DoRA's training forward: dlm = dlm's faster one where it applies (branch dropout or "
+        "lora_dropout 0; checked against PEFT's before training, PEFT's on a mismatch); peft = PEFT's own, always",
+    )
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         "all-linear",
         description="the linear layers that get an adapter: all-linear = every linear layer of the blocks "
@@ -63,7 +68,10 @@ class Training(_Frozen):
     )
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
     optimizer: Optimizer = "adamw_torch"
-    galore_rank: int = Field(128, ge=1, description="GaLore projection rank")
+    galore_rank: Literal["auto"] | int = Field(
+        "auto",
+        description="GaLore projection rank; auto = half of lora_r, since a rank of lora_r or more projects nothing",
+    )
     galore_update_proj_gap: int = Field(200, ge=1, description="steps between GaLore projections")
     galore_scale: float = Field(0.25, gt=0, description="GaLore update scale")
     learning_rate: float = Field(
@@ -88,7 +96,10 @@ class Training(_Frozen):
     eval_steps: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)
     logging_steps: int = Field(1, ge=1)
-    report_to: Literal["none", "tensorboard"] = "none"
+    report_to: Literal["none", "tensorboard"] = Field(
+        "none",
+        description="tensorboard: the run's log as TensorBoard event files in runs/rNNNN/logs/ (pip install 'dlm[tensorboard]')",
+    )
     report: int = Field(
         32,
         ge=0,
@@ -96,7 +107,7 @@ class Training(_Frozen):
         description="training Q/A pairs answered (with every held-out one) in the learning report after a run; 0 = no report",
     )
 
-    @field_validator("micro_batch_size", "grad_accum")
+    @field_validator("micro_batch_size", "grad_accum", "galore_rank")
     @classmethod
     def _positive(cls, v: Any) -> Any:
         if isinstance(v, int) and v < 1:
@@ -215,7 +226,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(kept)
 
 
-def _message(err: dict[str, Any], key: str) -> tuple[str, str]:
+def _message(err: Mapping[str, Any], key: str) -> tuple[str, str]:
     kind, msg, value = err["type"], err["msg"], err.get("input")
     if kind == "missing":
         return f"missing required key '{key}'", "`dlm init` writes a complete scaffold"

@@ -51,11 +51,15 @@ class Example:
     rejected: str = ""  # preference only (kept for evaluation; SFT trains on the chosen answer)
     system: str | None = None
     pinned_heldout: bool = False
+    # A multi-turn conversation's earlier exchanges, (question, answer) in order; `prompt` and
+    # `completion` are its last. The whole conversation is one training row (dlm.plan.chat).
+    history: tuple[tuple[str, str], ...] = ()
 
     @property
     def est_tokens(self) -> int:
-        extra = TEMPLATE_TOKENS if self.kind != "prose" else 1
-        return int(estimate_tokens(self.text + self.prompt + self.completion)) + extra
+        extra = TEMPLATE_TOKENS * (1 + len(self.history)) if self.kind != "prose" else 1
+        earlier = "".join(q + a for q, a in self.history)
+        return int(estimate_tokens(earlier + self.text + self.prompt + self.completion)) + extra
 
     @property
     def where(self) -> str:
@@ -120,6 +124,23 @@ def _section_examples(s: Section, system: str | None) -> list[Example]:
         ]
     if s.kind == "instruction":
         sys_prompt = s.system if s.system is not None else system
+        if s.conversation:  # one example; a one-exchange row is an ordinary pair (and keeps its id)
+            parts = [text for p in s.pairs for text in (p.question, p.answer)]
+            last = s.pairs[-1]
+            history = tuple((p.question, p.answer) for p in s.pairs[:-1])
+            return [
+                Example(
+                    _id("instruction", sys_prompt or "", *parts),
+                    "instruction",
+                    s.path,
+                    s.line,
+                    prompt=last.question,
+                    completion=last.answer,
+                    system=sys_prompt,
+                    pinned_heldout=s.heldout,
+                    history=history,
+                )
+            ]
         return [
             Example(
                 _id("instruction", sys_prompt or "", p.question, p.answer),

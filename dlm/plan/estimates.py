@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from dlm.doc.schema import Spec
 from dlm.plan.bases import BaseFacts
+from dlm.plan.dora import decide_forward
 from dlm.plan.hardware import HardwareFacts
 
 GIB = 2**30
@@ -30,11 +31,14 @@ OPT_STATE_BYTES = {
     "galore_adamw_layerwise": 8,
     "adafactor": 0.5,
 }
-CPU_FLOPS_PER_CORE = 28e9  # fp32, AVX-512: calibrated on SmolLM2-135M LoRA steps (STACK.md)
+CPU_FLOPS_PER_CORE = 28e9  # fp32, AVX-512: calibrated on SmolLM2-135M LoRA steps (docs/estimates.md)
 # A CPU with AMX (Sapphire Rapids and later) is a faster generation: calibrated on a 2-core Xeon with
 # amx_bf16 (`dlm doctor --probe 8` of configs/corpus-lora.dlm: fp32 1.95 s, bf16 1.53 s per step)
 CPU_AMX_FLOPS_PER_CORE, CPU_AMX_BF16 = 140e9, 1.4
-CPU_NO_AVX512 = 0.6
+# Without avx512f (AVX2 only): measured by `make learn` on a 2-core AMD EPYC (Zen 3, AVX2), fp32,
+# micro 4 x accum 2, ~48-token rows, all-linear r=8: 3.3-3.7 s per step where 0.6 estimated 6.8 s;
+# torch's AVX2 kernels keep pace with the AVX-512 calibration at this size (docs/estimates.md).
+CPU_NO_AVX512 = 1.0
 CPU_NATIVE_BF16 = 1.5  # measured on a 2-core EPYC with avx512_bf16: a LoRA step 1.4x, matmuls 2.0x
 CPU_EMULATED = 14.0  # measured: emulated bf16 96 s vs fp32 7 s per step
 CPU_DROPOUT_TAX = 1.12  # measured: dropout 0.05 vs 0 on a CPU, 6.0 vs 5.3 and 3.1 vs 2.8 s/step
@@ -227,7 +231,7 @@ def step_seconds(
     flops = 4 * n_eff * tokens + 6 * ad.params * tokens  # frozen base: forward + input gradients only
     if t.adapter == "dora":
         flops += accum * 6 * t.lora_r * ad.adapted  # weight norm of W + s*BA, every forward
-        if t.lora_dropout > 0 and t.dora_dropout == "input":
+        if t.lora_dropout > 0 and decide_forward(t, hw.peft_version, set())[0] == "peft":
             flops += 4 * ad.adapted * tokens  # PEFT's slow path: a second base matmul on the dropped input
     seconds = flops / _flops_rate(hw, precision)
     if t.lora_dropout > 0 and hw.device == "cpu":

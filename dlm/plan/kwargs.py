@@ -65,7 +65,9 @@ def sft_kwargs(
         "eval_strategy": "steps" if eval_steps else "no",
         "save_strategy": "steps",
         "save_steps": save_steps,
-        "report_to": t.report_to,
+        # transformers' own tracker callbacks write under output_dir (checkpoints/, pruned after a commit):
+        # dlm writes `report_to`'s log itself into runs/rNNNN/logs/ (plan/optional.py, train/logs.py).
+        "report_to": "none",
     }
     if eval_steps:
         sft["eval_steps"] = eval_steps
@@ -83,6 +85,7 @@ def sft_extras(t: Training, targets: list[str], world: int, sharding: str) -> di
         # A str is a full-match regex (a list would substring-match the lora.Linear wrappers too and log
         # "matched but ignored" for each): exactly PEFT's `<...>.<target>.lora_A.default` / `lora_B` layers.
         extras["optim_target_modules"] = rf".*\.(?:{'|'.join(re.escape(m) for m in targets)})\.lora_[AB]\.default"
+        # galore_rank is the planner's number by now (plan/optional.py resolves auto)
         extras["optim_args"] = f"rank={t.galore_rank},update_proj_gap={t.galore_update_proj_gap},scale={t.galore_scale}"
     return extras
 

@@ -13,21 +13,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from dlm.doc.schema import Spec, Training
 from dlm.plan.bases import BaseFacts
 from dlm.plan.batch import Batch, size_batch
 from dlm.plan.budget import learning_epochs
 from dlm.plan.corpus import CorpusStats
+from dlm.plan.dora import decide_forward
 from dlm.plan.estimates import Estimates, MemoryModel, adapter_shape, estimate, matches_a_layer, step_seconds
-from dlm.plan.findings import Derived, Finding, Level, collect, reason_line
+from dlm.plan.findings import Derived, Finding, Level, Purpose, collect, reason_line
 from dlm.plan.hardware import HardwareFacts
 from dlm.plan.kwargs import lora_kwargs, model_kwargs, sft_extras, sft_kwargs
+from dlm.plan.optional import decide_galore_rank, decide_report_to
 
-__all__ = ["Decision", "Finding", "Level", "Plan", "make_plan"]
+__all__ = ["Decision", "Finding", "Level", "Plan", "Purpose", "make_plan"]
 
-Purpose = Literal["train", "prompt"]
 MALLOC_MMAP = 32 * 2**20  # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
 SEQ_MULTIPLE = 64  # sequence_len from the corpus is rounded up to this (and is at least this)
 Decide = Callable[[str, Any, str], Any]  # records a Decision(key, value, reason) and returns the value
@@ -51,7 +52,9 @@ class Plan:
     reason: str
     world_size: int = 1
     # Settings train.py applies itself (no library takes them as kwargs): {"dora_dropout": "branch",
-    # "dora_norm": "factored"} puts PEFT's DoRA layers on dlm's training forward (dlm/dora_fast.py).
+    # "dora_norm": "factored"} puts PEFT's DoRA layers on dlm's training forward (dlm/train/dora_fast.py,
+    # after its guards) when the dora_forward decision is dlm;
+    # {"report_to": "tensorboard"}: dlm writes the run's TensorBoard log itself (dlm/train/logs.py).
     runtime_kwargs: dict[str, Any] = field(default_factory=dict)
     sharding: str = "none"  # none (one process or DDP) | fsdp | zero0..zero3 (DeepSpeed), from the launcher
 
@@ -74,6 +77,7 @@ class _Kind:
     attn: str
     qlora: bool
     dora: bool
+    dora_fast: bool = False  # dlm's DoRA training forward (dlm/plan/dora.py), not PEFT's
 
 
 def make_plan(
@@ -102,6 +106,7 @@ def make_plan(
     batch = size_batch(t, hw, corpus, seq, memory, world)
     _decide_batch(batch, world, sharding, decide)
     optim = _decide_optimizer(t, hw, given, decide)
+    t = decide_galore_rank(t, decide)  # auto -> a number; recorded for GaLore optimizers
     row_tokens = _decide_packing(t, corpus, seq, batch.micro, given, decide)
     step_s = step_seconds(
         hw, base, spec, kind.precision, memory.adapter, batch.micro, batch.accum, row_tokens, batch.ckpt
@@ -129,9 +134,10 @@ def make_plan(
         purpose=purpose,
         sharding=sharding,
         sequence_len=seq,
+        galore_rank=int(t.galore_rank),  # decided above: never 'auto' here
     )
     findings = collect(spec, hw, base, corpus, derived)
-    runtime = _runtime_kwargs(t, hw, kind.dora, world, decide)
+    runtime = {**_runtime_kwargs(t, hw, kind.dora_fast, world, decide), **decide_report_to(t, decide)}
     reason = _reason(t, kind, optim, findings)
     return Plan(tuple(decisions), lora, sft, model, findings, estimates, reason, world, runtime, sharding)
 
@@ -156,10 +162,16 @@ def _decide_kind(t: Training, hw: HardwareFacts, given: set[str], decide: Decide
         + f": use_dora={dora}"
         + (", base loaded in 4-bit nf4" if qlora else ""),
     )
+    fast = False
     if dora:
+        forward, forward_why = decide_forward(t, hw.peft_version, given)
+        fast = forward == "dlm"
         decide(
-            "dora_dropout", t.dora_dropout, _dora_dropout_why(t.dora_dropout, t.lora_dropout, "dora_dropout" in given)
+            "dora_dropout",
+            t.dora_dropout,
+            _dora_dropout_why(t.dora_dropout, t.lora_dropout, "dora_dropout" in given, fast),
         )
+        decide("dora_forward", forward, forward_why)
     decide(
         "qlora",
         "on" if qlora else "off",
@@ -167,7 +179,7 @@ def _decide_kind(t: Training, hw: HardwareFacts, given: set[str], decide: Decide
         if qlora
         else f"adapter: {t.adapter}: the base loads in {precision}",
     )
-    return _Kind(precision, attn, qlora, dora)
+    return _Kind(precision, attn, qlora, dora, fast)
 
 
 def _decide_targets(t: Training, base: BaseFacts, decide: Decide) -> tuple[list[str], tuple[str, ...]]:
@@ -302,9 +314,8 @@ def _decide_eval_and_save(
     return eval_steps, save_steps
 
 
-def _runtime_kwargs(t: Training, hw: HardwareFacts, dora: bool, world: int, decide: Decide) -> dict[str, Any]:
-    # At lora_dropout 0 the two forms are the same function, so dlm's faster forward is used either way.
-    fast = dora and (t.dora_dropout == "branch" or t.lora_dropout == 0)
+def _runtime_kwargs(t: Training, hw: HardwareFacts, fast: bool, world: int, decide: Decide) -> dict[str, Any]:
+    # fast: the dora_forward decision is dlm's forward (branch dropout, factored norm; dlm/plan/dora.py)
     runtime: dict[str, Any] = {"dora_dropout": "branch", "dora_norm": "factored"} if fast else {}
     if hw.device == "cpu":
         runtime.update(_cpu_runtime(hw, world, decide))
@@ -354,7 +365,7 @@ def _round_up(tokens: float) -> int:
     return max(SEQ_MULTIPLE, math.ceil(tokens / SEQ_MULTIPLE) * SEQ_MULTIPLE)
 
 
-def _dora_dropout_why(mode: str, dropout: float, given: bool) -> str:
+def _dora_dropout_why(mode: str, dropout: float, given: bool, fast: bool) -> str:
     src = "spec" if given else "default"
     norm = (
         "; the row norm ||W + sBA|| from factors (||W||^2 cached, W A^T, A A^T) instead of building W + sBA "
@@ -362,11 +373,16 @@ def _dora_dropout_why(mode: str, dropout: float, given: bool) -> str:
         "defaults (make bench); the adapter saved is a plain PEFT DoRA adapter"
     )
     if dropout == 0:
-        return f"{src}: no dropout to place (PEFT already reuses the base output)" + norm
-    if mode == "branch":
+        return f"{src}: no dropout to place (PEFT already reuses the base output)" + (norm if fast else "")
+    if mode == "branch" and fast:
         return (
             f"{src}: lora_dropout {dropout:g} on the low-rank branch only, base output reused (torchtune, mlx-lm): "
             "no second base matmul per adapted layer" + norm
+        )
+    if mode == "branch":
+        return (
+            f"{src}: branch, not applied: PEFT's own forward runs (see dora_forward), so dropout falls on DoRA's "
+            "whole input and each adapted layer runs its base matmul a second time"
         )
     return (
         f"{src}: PEFT's form, dropout on DoRA's whole input: each adapted layer runs its base matmul a second "

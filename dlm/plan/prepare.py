@@ -18,7 +18,7 @@ from dlm.plan import bases, corpus, tokens
 from dlm.plan.bases import BaseFacts
 from dlm.plan.corpus import CorpusStats, Example
 from dlm.plan.hardware import HardwareFacts
-from dlm.plan.planner import Plan, make_plan
+from dlm.plan.planner import Plan, Purpose, make_plan
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def prepare(
     *,
     world_size: int = 1,
     max_steps: int | None = None,
-    purpose: str = "train",
+    purpose: Purpose = "train",
     training_overrides: dict | None = None,
     sharding: str = "none",
     home: Path | None = None,

@@ -3,7 +3,8 @@
 Training sees each example as `dlm.train.rows` renders and encodes it: the chat template turns a
 question into a prompt ending with the generation prompt, the completion is what the template writes
 after it (answer and end-of-turn), eos is appended, and the fast tokenizer encodes prompt + completion
-with its special-token handling. This module does the same with only the `tokenizers` package (the
+with its special-token handling; a multi-turn conversation is the whole text `dlm.plan.chat.layout`
+makes of it. This module does the same with only the `tokenizers` package (the
 base folder's `tokenizer.json`) and jinja2 (the template rendered as transformers renders it), so
 `dlm doctor` can give the planner every example's real length and stay instant, and
 `tests/test_tokens.py` checks the lengths against `encode_rows(rows(...))` with transformers.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm.fsutil import atomic_write
+from dlm.plan import chat
 from dlm.plan.bases import ALIASES, BaseFacts, cached_snapshot
 from dlm.plan.corpus import Example
 
@@ -140,8 +142,15 @@ def render_chat(tok: ChatTokenizer, prompt: str, answer: str | None, system: str
     return head, completion
 
 
+def conversation(tok: ChatTokenizer, ex: Example) -> chat.Layout:
+    """A multi-turn example laid out as `dlm.train.rows` lays it out (the same `dlm.plan.chat.layout`)."""
+    render = None if tok.template is None else (lambda m, g: _render(tok, m, add_generation_prompt=g))
+    pairs = [*ex.history, (ex.prompt, ex.completion)]
+    return chat.layout(pairs, ex.system, render, eos=tok.eos, bos_prefix=tok.bos_prefix, fallback=FALLBACK_PROMPT)
+
+
 def row(tok: ChatTokenizer, ex: Example) -> dict[str, str]:
-    """The TRL row `dlm.train.rows.rows` makes of one example."""
+    """The TRL row `dlm.train.rows.rows` makes of one single-turn example."""
     if ex.kind == "prose":
         return {"prompt": "", "completion": ex.text}
     head, completion = render_chat(tok, ex.prompt, ex.completion, ex.system)
@@ -153,6 +162,9 @@ def lengths(tok: ChatTokenizer, examples: Iterable[Example]) -> dict[str, int]:
     exs = list(examples)
     texts = []
     for ex in exs:
+        if ex.history:  # a conversation: its whole text, eos included
+            texts.append(conversation(tok, ex).text)
+            continue
         r = row(tok, ex)
         completion = r["completion"] if r["completion"].endswith(tok.eos) else r["completion"] + tok.eos
         texts.append(r["prompt"] + completion)
@@ -210,7 +222,8 @@ def count(
 
 def _key(ex: Example) -> str:
     """What an example's count depends on besides the tokenizer (its id leaves out a preference's system)."""
-    text = json.dumps([ex.kind, ex.system, ex.prompt, ex.completion, ex.text], ensure_ascii=False)
+    parts = [ex.kind, ex.system, ex.prompt, ex.completion, ex.text] + ([ex.history] if ex.history else [])
+    text = json.dumps(parts, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
@@ -268,7 +281,7 @@ def _post_processor(backend: Any, special: dict[str, str], add_bos: bool, add_eo
     """transformers' `update_post_processor`: BOS / EOS around each sequence, as the config asks."""
     from tokenizers import processors
 
-    bos, eos = special.get("bos_token"), special.get("eos_token")
+    bos, eos = special.get("bos_token") or "", special.get("eos_token") or ""
     add_bos, add_eos = add_bos and bool(bos), add_eos and bool(eos)
     single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
     pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"

@@ -40,11 +40,9 @@ def corpus_sha256(prepared: Prepared) -> str:
     h = hashlib.sha256()
     for part, exs in (("train", prepared.train), ("heldout", prepared.heldout)):
         for ex in sorted(exs, key=lambda e: e.id):
-            h.update(
-                json.dumps(
-                    [part, ex.kind, ex.text, ex.prompt, ex.completion, ex.rejected, ex.system], ensure_ascii=False
-                ).encode("utf-8")
-            )
+            fields: list[Any] = [part, ex.kind, ex.text, ex.prompt, ex.completion, ex.rejected, ex.system]
+            fields += [ex.history] if ex.history else []  # a conversation's earlier turns; others hash as before
+            h.update(json.dumps(fields, ensure_ascii=False).encode("utf-8"))
     return h.hexdigest()
 
 
@@ -72,7 +70,7 @@ def current(path: str | Path, home: Path, hardware: HardwareFacts | None = None)
 def describe(path: str | Path, home: Path) -> dict[str, Any]:
     """`dlm show`: the store as data (JSON-ready). A damaged current version is reported, not loaded."""
 
-    prepared = prepare(path, probe_light(), purpose="prompt")
+    prepared = prepare(path, probe_light(), purpose="inspect")
     spec = prepared.spec
     store = open_store(home, spec.dlm_id, Path(prepared.doc.path), spec.base_model, readonly=True)
     manifest = store.load_manifest()  # a fresh one when nothing was trained yet

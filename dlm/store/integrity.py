@@ -102,6 +102,7 @@ def check_safetensors(path: Path) -> None:
     for name, dtype, begin, stop in tensors:
         if begin == stop or (dtype not in _NUMPY_FLOAT and dtype not in _EXPONENT_MASK):
             continue
+        assert data is not None  # a non-empty tensor lies inside the data section
         raw = data[begin:stop]
         step = 1 << 24  # bytes per chunk: bounded memory for large adapters
         for at in range(0, stop - begin, step):

@@ -69,4 +69,4 @@ def _claims(path: Path, dlm_id: str) -> bool:
         head, sep, _ = text[3:].partition("\n---")
         text = head if sep else text
     found = _DLM_ID_LINE.search(text)
-    return bool(found) and found.group(1) == dlm_id
+    return found is not None and found.group(1) == dlm_id

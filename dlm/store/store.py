@@ -98,6 +98,7 @@ class Store:
     def current_version(self) -> Path | None:
         """The folder `adapter` points at (the manifest's `current` when there is no pointer), or None."""
         link = self.root / POINTER
+        target: str | None
         if link.is_symlink():
             target = os.readlink(link)
         elif link.is_file():  # the pointer-file fallback
@@ -221,8 +222,17 @@ class Store:
 
     # -- writing (under the lock)
 
-    def begin_run(self, doc_sha256: str, seed: int | None, versions: Mapping[str, str | None]) -> str:
-        """Record a new run (status running), create `runs/<id>/`, return its id (r0001, r0002, ...)."""
+    def begin_run(
+        self,
+        doc_sha256: str,
+        seed: int | None,
+        versions: Mapping[str, str | None],
+        shape: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Record a new run (status running), create `runs/<id>/`, return its id (r0001, r0002, ...).
+
+        `shape` (`dlm.store.resume.run_shape`) is what a later `--resume` of this run's checkpoints
+        must find unchanged."""
         self._need_lock()
 
         def add(m: dict[str, Any]) -> str:
@@ -242,6 +252,7 @@ class Store:
                     "metrics": {},
                     "versions": dict(versions),
                     "message": None,
+                    **({"shape": dict(shape)} if shape is not None else {}),
                 }
             )
             return run_id

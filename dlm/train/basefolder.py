@@ -30,7 +30,7 @@ def _file_sha256(path: Path) -> str:
 
 def _clear_gguf_quantizer(model: Any) -> None:
     """A GGUF-loaded model keeps the GGUF 'quantizer' marks although its weights are already plain
-    float tensors; `save_pretrained` refuses to write it until they are gone (see STACK.md)."""
+    float tensors; `save_pretrained` refuses to write it until they are gone."""
     model.hf_quantizer = None
     model.is_quantized = False
     for cfg in (model.config, getattr(model.config, "get_text_config", lambda: None)()):

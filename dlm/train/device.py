@@ -14,6 +14,8 @@ from dlm.plan.hardware import (
     bitsandbytes_ok,
     cores,
     cpu_flags,
+    installed_peft,
+    missing_packages,
     system_memory,
 )
 
@@ -35,6 +37,8 @@ def probe() -> HardwareFacts:
             device_count=torch.cuda.device_count(),
             native_bf16=cc >= (8, 0),
             bitsandbytes=bitsandbytes_ok(),
+            peft_version=installed_peft(),
+            missing_packages=missing_packages(),
             torch_version=torch.__version__,
         )
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -45,6 +49,8 @@ def probe() -> HardwareFacts:
             cores=n_cores,
             native_bf16=True,
             bitsandbytes=False,
+            peft_version=installed_peft(),
+            missing_packages=missing_packages(),
             torch_version=torch.__version__,
         )
     flags = cpu_flags()
@@ -55,6 +61,8 @@ def probe() -> HardwareFacts:
         cores=n_cores,
         native_bf16=any(f in flags for f in BF16_CPU_FLAGS),
         bitsandbytes=bitsandbytes_ok(),
+        peft_version=installed_peft(),
+        missing_packages=missing_packages(),
         cpu_flags=flags,
         torch_version=torch.__version__,
     )

@@ -14,7 +14,8 @@ from dlm.train.rows import encode_rows, rows
 def eval_loss(
     model: Any, tokenizer: Any, examples: Iterable[Example], *, max_length: int | None = None, batch_size: int = 4
 ) -> float | None:
-    """Mean loss per answer token (prose: per token) over held-out examples, masked as in training.
+    """Mean loss per answer token (prose: per token; a conversation: every assistant turn's tokens)
+    over held-out examples, masked as in training.
 
     Token-weighted over the whole set (not a mean of batch means), so base, A and B are judged on the
     same tokens with the same weights. None when there is nothing to score.

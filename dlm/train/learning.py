@@ -8,6 +8,9 @@ case, punctuation and the articles a/an/the dropped, whitespace collapsed), then
 token lists are equal) and token F1 (harmonic mean of the precision and recall of the shared
 tokens). A training answer counts as learned when its F1 is at least `LEARNED_F1`.
 
+A multi-turn conversation is one question: its last, asked after the earlier turns (the document's
+own questions and answers) exactly as training laid them out, and scored against its last answer.
+
 Scoring is pure; generation imports torch inside functions. Nothing here prints.
 """
 
@@ -23,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dlm.plan.corpus import Example
-from dlm.train.rows import render_chat
+from dlm.train.rows import question_head
 
 LEARNED_F1 = 0.8  # a training answer with at least this F1 carries the document's fact
 MAX_NEW_TOKENS_CAP = 160  # answers are generated up to ~1.5x the longest expected answer, at most this
@@ -186,7 +189,7 @@ def greedy_answers(
     try:
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]
-            heads = [render_chat(tokenizer, e.prompt, None, e.system)[0] for e in batch]
+            heads = [question_head(tokenizer, e) for e in batch]
             enc = tokenizer(text=heads, return_tensors="pt", padding=True).to(device)
             with torch.no_grad():
                 gen = model.generate(

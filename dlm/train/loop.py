@@ -7,6 +7,8 @@
 - `stop_on_signals`: SIGINT / SIGTERM handlers for the duration of a run.
 - `quiet_progress`: the libraries' own tqdm bars and deprecation chatter off for a block.
 - `trim_log`: on resume, the log lines of steps that will be redone are dropped.
+- `keep_every_rank_rng`: under several processes, every rank's RNG state goes into the checkpoint
+  that a resume reads (rank 0's, in the store), not only rank 0's.
 
 transformers, datasets and torch are imported inside the functions that need them.
 """
@@ -51,6 +53,7 @@ class LoopState:
     t_train: float | None = None  # `time.monotonic()` when training began
     t_step: float = 0.0  # `time.perf_counter()` when the step under way began
     t_mark: float | None = None  # `time.perf_counter()` when the last step or pause ended
+    findings: list[dict[str, Any]] = field(default_factory=list)  # run-time findings, for RunSummary.findings
 
 
 def _elapsed(loop: LoopState) -> float:
@@ -168,6 +171,64 @@ def _any_rank(flag: bool, args: Any) -> bool:
     seen = torch.tensor([int(flag)], device=args.device)
     dist.all_reduce(seen, op=dist.ReduceOp.MAX)
     return bool(seen.item())
+
+
+def keep_every_rank_rng(trainer: Any) -> None:
+    """Under several processes, put every rank's `rng_state_<rank>.pth` into the checkpoint a resume reads.
+
+    The Trainer saves each process's RNG state into that process's own output folder, and reads each
+    back from the checkpoint it resumes from. dlm gives ranks other than 0 a private folder (only rank
+    0 writes the store), so on its own a resumed run would restore rank 0's RNG alone, and the other
+    ranks would draw other dropout masks than an uninterrupted run. Here the Trainer's RNG save is
+    followed by one gather: rank 0 writes every rank's file beside its own. `_save_checkpoint` saves
+    the RNG state before `trainer_state.json`, the checkpoint's completion mark, so a checkpoint that
+    counts as complete holds every rank's file. One process: nothing changes."""
+    if getattr(trainer.args, "world_size", 1) <= 1:
+        return
+    save = trainer._save_rng_state  # transformers 5.x: `_save_checkpoint` calls it on every rank
+
+    def save_every_rank(output_dir: str) -> None:
+        save(output_dir)
+        _gather_rng_files(Path(output_dir), trainer.args)
+
+    trainer._save_rng_state = save_every_rank
+
+
+def _gather_rng_files(folder: Path, args: Any) -> None:
+    """Every rank sends the bytes of the RNG file it just wrote; the saving process writes them all
+    into `folder` (atomically; a file already there with the same bytes, a shared folder, is left)."""
+    import os
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+
+    own = (folder / f"rng_state_{args.process_index}.pth").read_bytes()
+    device = args.device  # NCCL gathers only CUDA tensors; gloo takes CPU ones
+    data = torch.frombuffer(bytearray(own), dtype=torch.uint8).to(device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)  # tensors, not pickled objects: dlm never unpickles
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    if not args.should_save:
+        return
+    for rank, (part, n) in enumerate(zip(parts, sizes, strict=True)):
+        blob = part[: int(n.item())].cpu().numpy().tobytes()
+        target = folder / f"rng_state_{rank}.pth"
+        if target.is_file() and target.read_bytes() == blob:
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 @contextmanager

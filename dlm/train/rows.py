@@ -9,6 +9,14 @@ template's end-of-turn token. Prose has an empty prompt. TRL's `completion_only_
 default for this shape) then masks exactly the prompt tokens: loss on every prose token, on the
 answer (and its end-of-turn token) only for instructions. `encode_rows` reproduces TRL's masking
 for evaluation; tests check both against TRL's own data preparation.
+
+A multi-turn conversation (a `messages` row with several exchanges) is one row: the template's
+rendering of the whole conversation (`dlm.plan.chat.layout`, which the plan's token counts share),
+with the loss on every assistant turn (answer and end-of-turn token) and on nothing else. A
+prompt/completion row cannot mark several spans, so a set holding a conversation goes to TRL already
+tokenized, every row as `{"input_ids", "labels"}` (TRL takes a dataset's shape from its first row
+and keeps given labels as they are): single-turn rows then carry exactly the ids and labels TRL
+would have made of them, and a set without conversations is handed over as before.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dlm.errors import DlmError
+from dlm.plan import chat
 from dlm.plan.corpus import Example
 
 # Pad candidates that are already special tokens of common vocabularies (SmolLM2 / StarCoder:
@@ -126,36 +135,95 @@ def render_chat(tokenizer: Any, prompt: str, answer: str | None, system: str | N
     return head, completion
 
 
-def rows(examples: Iterable[Example], tokenizer: Any) -> list[dict[str, str]]:
-    """Examples -> TRL rows, all `{"prompt", "completion"}` (see the module docstring)."""
-    out = []
-    for ex in examples:
+def conversation(tokenizer: Any, ex: Example) -> chat.Layout:
+    """A multi-turn example as one sequence through the chat template: its text and trained spans."""
+
+    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    pairs = [*ex.history, (ex.prompt, ex.completion)]
+    try:
+        return chat.layout(
+            pairs,
+            ex.system,
+            render if getattr(tokenizer, "chat_template", None) else None,
+            eos=tokenizer.eos_token or "",
+            bos_prefix=_bos_prefix(tokenizer),
+            fallback=FALLBACK_PROMPT,
+        )
+    except chat.TemplateMismatch as exc:
+        raise DlmError(str(exc), chat.CONTEXT_HINT, ex.source, ex.line, 1) from None
+
+
+def encode_conversation(tokenizer: Any, layout: chat.Layout) -> dict[str, list[int]]:
+    """input_ids of the whole text; labels on the assistant spans only. A span's tokens are found as
+    a single-turn row's completion is: from where the tokens of the text before it stop agreeing
+    with the whole, up to where the tokens of the text through its end stop agreeing."""
+    ids = tokenizer(text=layout.text)["input_ids"]
+    labels = [-100] * len(ids)
+    for start, end in layout.spans:
+        a = _common_prefix(tokenizer(text=layout.text[:start])["input_ids"], ids)
+        b = _common_prefix(tokenizer(text=layout.text[:end])["input_ids"], ids)
+        labels[a:b] = ids[a:b]
+    return {"input_ids": ids, "labels": labels}
+
+
+def question_head(tokenizer: Any, ex: Example) -> str:
+    """The text the model answers `ex.prompt` after, as in training: for a conversation, its earlier
+    turns (the document's own answers) and the last question, ending with the generation prompt."""
+    if ex.history:
+        return conversation(tokenizer, ex).last_head
+    return render_chat(tokenizer, ex.prompt, None, ex.system)[0]
+
+
+def rows(examples: Iterable[Example], tokenizer: Any) -> list[dict[str, Any]]:
+    """Examples -> TRL rows: `{"prompt", "completion"}`, or, when the set holds a multi-turn
+    conversation, every row tokenized as `{"input_ids", "labels"}` (see the module docstring)."""
+    exs = list(examples)
+    out: list[dict[str, Any]] = []
+    for ex in exs:
         if ex.kind == "prose":
             out.append({"prompt": "", "completion": ex.text})
+        elif ex.history:
+            out.append(encode_conversation(tokenizer, conversation(tokenizer, ex)))
         else:
             head, completion = render_chat(tokenizer, ex.prompt, ex.completion, ex.system)
             out.append({"prompt": head, "completion": completion})
+    if any("input_ids" in r for r in out):
+        out = [r if "input_ids" in r else _encode(r, tokenizer) for r in out]
     return out
 
 
 def encode_rows(
-    rows_: Sequence[dict[str, str]], tokenizer: Any, max_length: int | None = None
+    rows_: Sequence[dict[str, Any]], tokenizer: Any, max_length: int | None = None
 ) -> list[dict[str, list[int]]]:
     """input_ids and labels exactly as TRL 1.16 prepares prompt/completion rows (eos appended,
     -100 on the common prefix of prompt and prompt+completion, truncation keeping the start,
-    fully masked rows dropped). `tests/test_train.py` checks it against TRL's own preparation."""
-    eos = tokenizer.eos_token
+    fully masked rows dropped); rows already tokenized keep their ids and labels, truncated and
+    dropped alike. `tests/test_train.py` and `tests/test_multiturn.py` check it against TRL's own
+    preparation."""
     out = []
     for row in rows_:
-        completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
-        prompt_ids = tokenizer(text=row["prompt"])["input_ids"]
-        ids = tokenizer(text=row["prompt"] + completion)["input_ids"]
-        n = 0
-        while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
-            n += 1
-        labels = [-100] * n + ids[n:]
+        enc = row if "input_ids" in row else _encode(row, tokenizer)
+        ids, labels = list(enc["input_ids"]), list(enc["labels"])
         if max_length is not None:
             ids, labels = ids[:max_length], labels[:max_length]
         if any(label != -100 for label in labels):
             out.append({"input_ids": ids, "labels": labels})
     return out
+
+
+def _encode(row: dict[str, str], tokenizer: Any) -> dict[str, list[int]]:
+    """One prompt/completion row as TRL tokenizes and masks it, untruncated."""
+    eos = tokenizer.eos_token
+    completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
+    ids = tokenizer(text=row["prompt"] + completion)["input_ids"]
+    n = _common_prefix(tokenizer(text=row["prompt"])["input_ids"], ids)
+    return {"input_ids": ids, "labels": [-100] * n + ids[n:]}
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

@@ -15,12 +15,12 @@ Progress (this module prints nothing; `render.py` draws):
   latest logged training loss (None before the first log), `tokens` the tokens seen so far
   (prompt tokens included; from TRL's `num_tokens`), `elapsed_s` wall time since training began.
 - `on_event(kind, data)`: "cpu_runtime" ({threads, malloc}: the plan's CPU settings as applied,
-  dlm/cpu_runtime.py), "load" / "loaded" (base), "rows" (counts), "dora_dropout" ({mode, factored_norm,
-  layers}: DoRA layers put on dlm's training forward), "train_begin" ({step, max_steps}), "step_time" ({step, seconds, steady}: one step's compute time and the running
+  dlm/cpu_runtime.py), "load" / "loaded" (base), "rows" (counts), "dora_forward" ({forward: dlm | peft,
+  layers, factored_norm, checks, reason}: DoRA's training forward once its guards ran, dlm/train/dora_fast.py), "train_begin" ({step, max_steps}), "step_time" ({step, seconds, steady}: one step's compute time and the running
   steady-state median), "pause" ({kind: eval|checkpoint, seconds}: time that was not training, for
   `progress.EtaEstimator.exclude`), "log" (each log entry as written to log.jsonl), "interrupt"
   ({signal}), "checkpoint" ({path, step}), "eval" ({eval_loss, base_eval_loss}), "saved"
-  ({adapter}), "done" ({status, steps}).
+  ({adapter}), "report" ({line, learning}: the learning report), "done" ({status, steps}).
 - `callbacks`: extra `transformers.TrainerCallback` instances, passed to the trainer as they are.
 The callback, the signal handlers and the quieting of the libraries' bars live in `dlm/train/loop.py`.
 
@@ -29,8 +29,10 @@ checkpoint there and returns status "interrupted" (a second SIGINT aborts at onc
 within a second is the same Ctrl-C forwarded by a launcher). Under torchrun every rank stops at the
 same step. The previous handlers are restored when `run` returns. `resume_from` (a checkpoint
 folder, or True for the newest in `out_dir/checkpoints/`) restores weights, optimizer, scheduler,
-RNG and step through the Trainer's `resume_from_checkpoint`; on a CPU the resumed run ends with
-the same adapter tensors as an uninterrupted one (tested).
+every rank's RNG state (Python, NumPy, torch CPU and device) and step through the Trainer's
+`resume_from_checkpoint`; under several processes rank 0's checkpoint holds every rank's
+`rng_state_<rank>.pth` (`loop.keep_every_rank_rng`). On a CPU the resumed run ends with the same
+adapter tensors as an uninterrupted one, in one process and in two (tested).
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ from dlm.errors import DlmError
 from dlm.plan.corpus import Example
 from dlm.plan.planner import Plan
 from dlm.store.checkpoints import latest_checkpoint
+from dlm.train.logs import Tracker, logs_dir
 from dlm.train.loop import (
     LoopState,
     OnEvent,
     OnStep,
+    keep_every_rank_rng,
     progress_callback,
     quiet_progress,
     stop_on_signals,
@@ -89,10 +93,14 @@ class RunSummary:
     message: str = ""
     log_history: tuple[dict, ...] = field(default_factory=tuple)
     learning: dict[str, Any] | None = None  # the learning report (dlm/train/learning.py), when asked for
+    # Run-time findings, shaped like the plan's: where the run did not do what the plan said (a DoRA
+    # forward that fell back to PEFT's: dora-forward-parity, dora-forward-peft-version).
+    findings: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["log_history"] = list(self.log_history)
+        data["findings"] = list(self.findings)
         return data
 
 
@@ -213,7 +221,8 @@ def run(
     seed: int = 42,
 ) -> RunSummary:
     """Train one adapter: `out_dir/adapter/` (PEFT safetensors), `out_dir/log.jsonl`,
-    `out_dir/checkpoints/checkpoint-N/`. Returns the summary; raises only on bugs and bad input.
+    `out_dir/checkpoints/checkpoint-N/`, and with `report_to: tensorboard` the event files in
+    `out_dir/logs/` (dlm/train/logs.py). Returns the summary; raises only on bugs and bad input.
 
     `max_steps` overrides the plan's length (CLI `--max-steps`); `eval_base` also scores the base
     with the adapter disabled on the held-out rows (`base_eval_loss`). `report` > 0 answers that many
@@ -233,14 +242,18 @@ def run(
     resume_from = _open_log(log_path, resume_from)
     _reset_peak_memory()
     loop = LoopState(checkpoint=str(resume_from) if resume_from else None)
+    tracker = Tracker(plan, logs_dir(out_dir))  # report_to's log, written from the same events
+    emit = tracker.listen(emit)
 
-    with stop_on_signals(loop, emit), quiet_progress():
+    with tracker, stop_on_signals(loop, emit), quiet_progress():
         model, tokenizer = _load(plan, base_folder, trust_remote_code, emit)  # 1. load
         train_rows, held_rows = _make_rows(train_examples, heldout_examples, tokenizer, emit)  # 2. rows
         args = sft_config(plan, out_dir / "checkpoints", max_steps=max_steps, has_eval=bool(held_rows))  # 3. wrap
         progress = progress_callback(loop, log_path, on_step, emit)
         trainer = _trainer(plan, args, model, tokenizer, train_rows, held_rows, [progress, *callbacks], emit)
+        keep_every_rank_rng(trainer)  # several processes: every rank's RNG state in the resumable checkpoint
         model = trainer.model  # the PEFT model, as TRL wrapped it
+        loop.findings.extend(_dora_forward(plan, model, emit))  # 3b. DoRA's forward, guarded
         params = _param_counts(model)
         _train(trainer, loop, resume_from)  # 4. train
         ending = _judge_and_save(  # 5. judge and save
@@ -281,6 +294,7 @@ def _open_log(log_path: Path, resume_from: Path | bool | None) -> Path | None:
     if not resume_from:
         log_path.write_text("")
         return None
+    assert not isinstance(resume_from, bool)  # `--resume` was resolved to a folder by now
     checkpoint = Path(resume_from)
     trim_log(log_path, json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
     return checkpoint
@@ -344,15 +358,23 @@ def _trainer(
     # The Trainer's own console output (a printed dict per log, or a tqdm bar) is render.py's job.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if plan.runtime_kwargs.get("dora_dropout") == "branch":
-        from dlm.train.dora_fast import enable_branch_dropout
-
-        # DoRA dropout on the low-rank branch only (no second base matmul) and, with "dora_norm":
-        # "factored", the row norm from factors; the saved adapter stays PEFT's own
-        factored = plan.runtime_kwargs.get("dora_norm") == "factored"
-        layers = enable_branch_dropout(trainer.model, factored_norm=factored)
-        emit("dora_dropout", {"mode": "branch", "factored_norm": factored, "layers": layers})
     return trainer
+
+
+def _dora_forward(plan: Plan, model: Any, emit: OnEvent) -> list[dict[str, Any]]:
+    """3b. dlm's DoRA forward when the plan chose it (branch dropout, no second base matmul; with
+    "dora_norm": "factored", the row norm from factors), if its guards pass: PEFT's version and a
+    parity self-check in the run's precision. Otherwise PEFT's stays, and the warn finding is returned."""
+    if plan.runtime_kwargs.get("dora_dropout") != "branch":
+        return []
+    from dlm.train.dora_fast import switch_on
+
+    kw = plan.sft_kwargs
+    precision = "bf16" if kw.get("bf16") else "fp16" if kw.get("fp16") else "fp32"  # the Trainer's autocast
+    switch = switch_on(model, factored_norm=plan.runtime_kwargs.get("dora_norm") == "factored", precision=precision)
+    emit("dora_forward", switch.event())
+    finding = switch.finding()
+    return [finding] if finding else []
 
 
 def _param_counts(model: Any) -> tuple[int, int]:
@@ -437,7 +459,7 @@ def _learning(
         heldout_loss=ending.eval_loss,
         base_heldout_loss=ending.base_eval_loss,
     ).to_json()
-    emit("report", {"line": found["line"]})
+    emit("report", {"line": found["line"], "learning": found})
     return replace(ending, learning=found)
 
 
@@ -461,6 +483,7 @@ def _summarise(state: Any, loop: LoopState, ending: _Ending, params: tuple[int, 
         message=ending.message,
         log_history=tuple(state.log_history),
         learning=ending.learning,
+        findings=tuple(loop.findings),
     )
 
 

@@ -8,7 +8,9 @@ adapter is current and whether it is stale. Prints nothing: callers pass `on_pla
 Policy (docs/cli.md, "train"):
 - a blocked plan never trains (RunError, exit 1; `dlm doctor FILE` shows why);
 - `--resume` continues the newest interrupted run of the same document text from its newest
-  checkpoint; a changed document cannot resume (its checkpoint trained on other rows);
+  checkpoint; a changed document cannot resume (its checkpoint trained on other rows), nor can a
+  run whose base files, plan, world size, device or store format changed since it began (exit 2,
+  naming each field; `dlm.store.resume`);
 - with neither `--resume` nor `--fresh`, an interrupted run of the same text is not thrown away
   silently: the command stops and asks for one of the two;
 - only a finished, finite adapter becomes a version; the `adapter` pointer moves after that;
@@ -35,6 +37,7 @@ from dlm.plan.hardware import HardwareFacts
 from dlm.plan.prepare import Prepared, prepare
 from dlm.store.current import corpus_sha256, doc_sha256
 from dlm.store.opening import open_store
+from dlm.store.resume import check_resume, run_shape
 from dlm.store.store import Store, store_root
 
 
@@ -81,6 +84,12 @@ def train_document(
     if resume and fresh:
         raise DlmError("--resume and --fresh contradict each other", "pass one of them")
     world, sharding = launch_env()
+    made: list[Path] = []  # the base's folder, kept for the run's shape (a .gguf base is hashed to find it)
+
+    def base_folder(base: Any) -> Path:
+        made.append(basefolder.materialize(base, home))
+        return made[-1]
+
     # The base's folder comes first (converting the embedded GGUF once), so the plan counts every
     # example with the base's own tokenizer and sequence_len never cuts one silently.
     prepared = prepare(
@@ -90,7 +99,7 @@ def train_document(
         max_steps=max_steps,
         sharding=sharding,
         home=home,
-        base_folder=lambda base: basefolder.materialize(base, home),
+        base_folder=base_folder,
     )
     plan, spec = prepared.plan, prepared.spec
     if plan.blocked:
@@ -109,9 +118,10 @@ def train_document(
     # the version): each becomes one clear RunError, and the store stays as the last good write left it.
     with _disk_errors(store_root(home, spec.dlm_id)):
         store = open_store(home, spec.dlm_id, Path(prepared.doc.path), spec.base_model)
+        shape = _shape(prepared, home, made[-1] if made else None)
         with store.lock():
-            resume_from = _resume_choice(store, sha, prepared, resume=resume, fresh=fresh)
-            run_id = store.begin_run(sha, spec.training.seed, package_versions())
+            resume_from = _resume_choice(store, sha, prepared, home, resume=resume, fresh=fresh, shape=shape)
+            run_id = store.begin_run(sha, spec.training.seed, package_versions(), shape)
             out_dir = store.run_dir(run_id)
             try:
                 if resume_from is not None:  # the new run continues the old one's log from its checkpoint
@@ -170,12 +180,23 @@ def train_document(
     return Outcome(prepared, store, run_id, version, summary, str(resume_from) if resume_from else None)
 
 
-def _resume_choice(store: Store, sha: str, prepared: Prepared, *, resume: bool, fresh: bool) -> Path | None:
+def _resume_choice(
+    store: Store,
+    sha: str,
+    prepared: Prepared,
+    home: Path,
+    *,
+    resume: bool,
+    fresh: bool,
+    shape: dict[str, Any] | None = None,
+) -> Path | None:
     """The checkpoint to continue from (None: start fresh), or the DlmError that asks the user to choose.
 
     Every rank of a multi-process run calls this on the same store and gets the same answer: rank 0
     before it records its new run, the others read-only; the new run has no checkpoint before all
-    ranks train together, so it never changes the answer."""
+    ranks train together, so it never changes the answer. A resume is refused (exit 2, nothing
+    written) when the run's shape (`_shape`: base files, plan, world size, device, store format)
+    changed since the run began, or its checkpoint lacks a rank's RNG state (`store.resume`)."""
     found = _resumable(store, sha)
     if resume and found is None:
         raise DlmError(
@@ -190,7 +211,21 @@ def _resume_choice(store: Store, sha: str, prepared: Prepared, *, resume: bool, 
             "pass --resume to continue it, or --fresh to start over",
             prepared.doc.path,
         )
-    return found[1] if resume and found else None
+    if not (resume and found):
+        return None
+    record, ckpt = found
+    base_at = prepared.doc.positions.get(("base_model",))
+    check_resume(record, shape or _shape(prepared, home), ckpt, prepared.doc.path, base_at)
+    return ckpt
+
+
+def _shape(prepared: Prepared, home: Path, folder: Path | None = None) -> dict[str, Any]:
+    """What shapes this run (`store.resume.run_shape`), with the base's files hashed once per state."""
+    if folder is None:
+        from dlm.train import basefolder
+
+        folder = basefolder.materialize(prepared.base, home)  # made already by `prepare`
+    return run_shape(prepared, folder, Path(home).expanduser() / "cache")
 
 
 def _train_other_rank(
@@ -215,7 +250,7 @@ def _train_other_rank(
 
     spec = prepared.spec
     store = open_store(home, spec.dlm_id, Path(prepared.doc.path), spec.base_model, readonly=True)
-    resume_from = _resume_choice(store, sha, prepared, resume=resume, fresh=fresh)
+    resume_from = _resume_choice(store, sha, prepared, home, resume=resume, fresh=fresh)
     keep = os.environ.get("DLM_RANK_DIR")
     if keep:
         out_dir = Path(keep) / f"rank{rank()}"

@@ -122,9 +122,8 @@ def assemble(
     diff = config_diff(
         docs[0]["spec"], docs[1]["spec"], docs[0]["plan"], docs[1]["plan"], docs[0]["hardware"], docs[1]["hardware"]
     )
-    notes = list(notes)
     if any(d.source == "hardware" for d in diff):
-        notes.append("A and B were trained on different hardware: their cost ratios compare machines, not methods")
+        notes = (*notes, "A and B were trained on different hardware: their cost ratios compare machines, not methods")
     return Comparison(
         base_side(base_name, scores["loss"]["base"], held_out_f1(folder_a, base=True)),
         a,
