@@ -124,8 +124,9 @@ def test_json_shape_for_each_side(trained) -> None:
     base = as_json(run(*args, "--base", home=home, cwd=doc.parent))
     both = as_json(run(*args, "--side-by-side", home=home, cwd=doc.parent))
     for data in (adapter, base, both):
-        assert set(data) == {"dlm_prompt", "version", "stale", "answers"}
+        assert set(data) == {"dlm_prompt", "version", "stale", "findings", "answers"}
         assert data["dlm_prompt"] == 1 and data["version"] == "v0001" and data["stale"] is False
+        assert data["findings"] == []  # a LoRA adapter: nothing to say about answering
     assert set(adapter["answers"][0]) == {"question", "adapter"}
     assert set(base["answers"][0]) == {"question", "base"}
     assert set(both["answers"][0]) == {"question", "base", "adapter"}
