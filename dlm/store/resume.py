@@ -24,7 +24,6 @@ checkpoint's files are read the same way, and `dlm show` lists each run's versio
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ from dlm.errors import DlmError
 from dlm.fsutil import atomic_write
 from dlm.plan.prepare import Prepared
 from dlm.store.current import corpus_sha256
+from dlm.store.integrity import sha256_file
 from dlm.store.store import STORE_FORMAT
 
 RESUME_FORMAT = 1  # the layout of the `shape` record; a run recorded in another layout is not resumed
@@ -110,7 +110,7 @@ def base_files(folder: Path, cache: Path | None = None) -> dict[str, str]:
         stat = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
         entry = known.get(str(path))
         if not (isinstance(entry, dict) and entry.get("stat") == stat and isinstance(entry.get("sha256"), str)):
-            entry, changed = {"stat": stat, "sha256": _sha256(path)}, True
+            entry, changed = {"stat": stat, "sha256": sha256_file(path)}, True
             known[str(path)] = entry
         out[name] = entry["sha256"]
     if changed and cache is not None:
@@ -235,14 +235,6 @@ def _undo(shown: list[tuple[str, Any, Any]]) -> str:
         if way not in ways:
             ways.append(way)
     return "; ".join(ways)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_cache(cache: Path | None) -> dict[str, Any]:

@@ -14,18 +14,9 @@ from typing import Any
 
 from dlm.errors import DlmError
 from dlm.plan.bases import ALIASES, BaseFacts, gguf_of_package, snapshot_or_error
+from dlm.store.integrity import sha256_file
 
 _COMPLETE = "dlm-base.json"  # written last into the temp folder: its presence means "fully converted"
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _clear_gguf_quantizer(model: Any) -> None:
@@ -117,7 +108,7 @@ def materialize(facts: BaseFacts, home: Path) -> Path:
         gguf = Path(facts.location)
         if not gguf.is_file():
             raise DlmError(f"base_model file not found: {gguf}", "give the path relative to the document", str(gguf))
-        return convert_gguf(gguf, home / "bases" / f"gguf-{_file_sha256(gguf)[:16]}")
+        return convert_gguf(gguf, home / "bases" / f"gguf-{sha256_file(gguf)[:16]}")
     if facts.kind == "folder":
         folder = Path(facts.location)
         if not (folder / "config.json").is_file():
