@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup lint test test-unit test-slow demo twin bench learn clean
+.PHONY: setup lint test test-unit test-slow demo twin bench bench-gpu learn clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,14 @@ clean:
 # (~25 min on 2 CPU cores, offline). Prints the ratio table; writes docs/performance.md and .png.
 bench: setup
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# On a CUDA machine: dlm vs the plain script on random-weight SmolLM2-shaped bases (135M, 1.7B),
+# LoRA / DoRA / QLoRA, plus doctor's CUDA plan and DoRA parity on the card (~7 min on an H200;
+# docs/gpu.md). Writes $(GPU_OUT)/gpu-results.json; `python bench/gpu.py table FILE` renders it.
+GPU_OUT ?= bench/out/gpu
+bench-gpu: setup
+	$(BIN)/python bench/gpu.py bases $(GPU_OUT)/bases
+	$(BIN)/python bench/gpu.py run $(GPU_OUT)
 
 # Does `dlm train` with no knobs learn a document? Every made-up fact document in bench/learn/ with
 # dlm's defaults and with peers' usual ones (3 epochs, 2e-4, attention-only r=8), one process and one

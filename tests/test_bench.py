@@ -187,3 +187,33 @@ def test_worker_same_knobs_trains_exactly_what_the_plain_script_trains(tmp_path:
         and dlm["checkpointing"] is False
     )
     assert not (tmp_path / "home" / "store").exists()
+
+
+# --- bench/gpu.py: the GPU table from saved figures (no GPU needed) --------------------------------
+
+
+def test_gpu_table_renders_the_saved_h200_figures() -> None:
+    import json
+
+    from bench import gpu
+
+    saved = json.loads((Path(__file__).resolve().parent.parent / "bench" / "gpu-h200.json").read_text())
+    text = gpu.table(saved)
+    rows = [r for r in text.splitlines()[2:] if r.startswith("|")]
+    assert len(rows) == sum(1 for r in saved["runs"] if "steady_s" in r) == 9
+    lora_135m = next(r for r in rows if "| smollm2-135m | lora | dlm |" in r)
+    # dlm / plain tokens/s from the two runs' figures, and MFU from 4 FLOPs per frozen parameter
+    assert "x1.66" in lora_135m and "| 0.6% |" in lora_135m
+    assert "x1.73" in next(r for r in rows if "| smollm2-1.7b | lora | dlm |" in r)
+    assert "| 10.2% |" in next(r for r in rows if "| smollm2-1.7b | lora | dlm |" in r)
+
+
+def test_gpu_docs_are_llama_documents_with_no_knobs(tmp_path: Path) -> None:
+    from bench import gpu
+    from dlm.doc.grammar import parse_doc
+
+    docs = gpu.write_docs(tmp_path / "bases", tmp_path / "docs")
+    assert set(docs) == {(s, a) for s in gpu.SIZES for a in ("lora", "qlora", "dora")}
+    doc = parse_doc(docs["smollm2-1.7b", "dora"].read_text(), str(docs["smollm2-1.7b", "dora"]))
+    assert doc.frontmatter["training"] == {"adapter": "dora"}
+    assert doc.frontmatter["base_model"].endswith("smollm2-1.7b")

@@ -921,6 +921,39 @@ def test_amx_cpu_step_time_is_within_25_percent_of_a_probe(precision: str, measu
     assert est.step_seconds == pytest.approx(measured, rel=0.25)
 
 
+# An H200 (`make bench`-style runs, docs/performance.md "GPU"): random-weight bases of SmolLM2's
+# shapes, a prose corpus of 235 rows (mean ~440 tokens, longest 537 -> sequence_len 576), micro 8 x
+# accum 1, bf16, all-linear r=8, no checkpointing: measured steady step seconds and peak GiB.
+H200_RUNS = [
+    ("smollm2-135m", "lora", 0.346, 4.13),
+    ("smollm2-135m", "dora", 0.451, 5.40),
+    ("smollm2-135m", "qlora", 0.328, 5.11),
+    ("smollm2-1.7b", "lora", 0.255, 15.61),
+    ("smollm2-1.7b", "dora", 0.351, 20.76),
+    ("smollm2-1.7b", "qlora", 0.281, 17.98),
+]
+
+
+def _h200(base: str, adapter: str) -> Any:
+    spec = parse_spec({"dlm_id": ID, "base_model": base, "training": {"adapter": adapter}})
+    rows = corpus(n_train=235, n_heldout=32, mean=441, longest=537, exact=True)
+    facts = bases._facts(base, "folder", base, bases.ALIASES[base].config, None)  # its shapes, offline
+    return make_plan(spec, hw("h200"), facts, rows)
+
+
+@pytest.mark.parametrize(("base", "adapter", "step_s", "peak_gib"), H200_RUNS)
+def test_gpu_step_time_and_peak_are_within_15_percent_of_an_h200(
+    base: str, adapter: str, step_s: float, peak_gib: float
+) -> None:
+    """A small model's CUDA step is bound by the host's kernel launches (per decoder layer), not by
+    FLOPs: the FLOPs alone said 0.05 s for the 135M LoRA step that took 0.35 s."""
+    p = _h200(base, adapter)
+    assert p.sft_kwargs["per_device_train_batch_size"] == 8 and not p.sft_kwargs["activation_checkpointing"]
+    assert p.estimates.step_seconds == pytest.approx(step_s, rel=0.15)
+    if base != "smollm2-135m":  # the 135M model's activations are over-estimated by ~30% (docs/estimates.md)
+        assert p.estimates.peak_memory_bytes / GIB == pytest.approx(peak_gib, rel=0.15)
+
+
 def test_emulated_bf16_costs_about_14x() -> None:
     fp32 = _calibration(precision="fp32")
     assert _calibration(precision="bf16") / fp32 == pytest.approx(14, rel=0.15)

@@ -19,6 +19,10 @@ GIB = 2**30
 
 # --- constants of the estimates (docs/estimates.md says where each comes from) --------------------
 NF4_BYTES = 0.52  # 4-bit nf4 + double-quantised absmax (blocksize 64)
+# QLoRA's activations: measured on an H200 (SmolLM2-1.7B shape, micro 8 x 576 tokens, no checkpointing):
+# peak 17.98 GiB against 14.78 estimated without this factor, and 15.61 for LoRA in bf16; the
+# upcast stream outweighs the 4-bit weights' saving (docs/performance.md "GPU").
+QLORA_ACT = 1.3
 ACT_PER_HIDDEN, ACT_PER_INTER = 12, 4  # activation elements per token per layer: 12*h + 4*i
 OVERHEAD = {"cpu": 1.2 * GIB, "mps": 1.2 * GIB, "cuda": 0.5 * GIB}  # process RSS / CUDA context
 OPT_STATE_BYTES = {
@@ -44,7 +48,14 @@ CPU_EMULATED = 14.0  # measured: emulated bf16 96 s vs fp32 7 s per step
 CPU_DROPOUT_TAX = 1.12  # measured: dropout 0.05 vs 0 on a CPU, 6.0 vs 5.3 and 3.1 vs 2.8 s/step
 CKPT_TAX = {"cpu": 1.2, "cuda": 1.3, "mps": 1.3}  # measured ~1.17-1.2 on CPU; GPUs ~20-30%
 QLORA_TAX = {"cpu": 1.7, "cuda": 1.35, "mps": 1.35}  # measured 6.2 vs 3.7 s on CPU; GPU assumed
-MICRO_OVERHEAD = {"cpu": 0.2, "cuda": 0.03, "mps": 0.05}  # s per micro batch (dispatch, collation)
+MICRO_OVERHEAD = {"cpu": 0.2, "cuda": 0.0, "mps": 0.05}  # s per micro batch (dispatch, collation)
+# CUDA: a small model's step is bound by the host launching kernels, not by the GPU's FLOPs (the GPU
+# waits on the CPU). Measured on an H200 (16-core host, torch 2.11, bf16, all-linear r=8, micro 8 x
+# 576-token rows, `make bench`-style runs, docs/performance.md "GPU"): 10.9-11.7 ms per decoder layer
+# per micro batch for LoRA and QLoRA, 14.6-15.0 for DoRA, at 135M and 1.7B alike. A step takes the
+# longer of the two paths: FLOPs / rate, or layers x this per micro batch.
+CUDA_LAUNCH_S_PER_LAYER = 0.0113
+CUDA_DORA_LAUNCH = 1.32
 STEP_OVERHEAD = {"cpu": 0.05, "cuda": 0.01, "mps": 0.01}  # s per optimizer step
 GPU_MFU = 0.35  # sustained share of the nominal dense peak
 GPU_PEAK = {  # compute capability -> (16-bit tensor-core, fp32) dense FLOP/s of a typical card
@@ -185,6 +196,8 @@ def memory_breakdown(
         weights = base.n_params * wb
     per_layer = ACT_PER_HIDDEN * base.hidden_size + ACT_PER_INTER * base.intermediate_size + ad.extra
     kept = base.n_layers * base.hidden_size + per_layer if ckpt else base.n_layers * per_layer
+    if qlora:  # the fp32 embedding and norms carry fp32 hidden states between the 4-bit layers
+        kept = int(kept * QLORA_ACT)
     return {
         "weights": int(weights),
         "adapter": ad.params * 8,  # fp32 parameters + gradients
@@ -240,6 +253,9 @@ def step_seconds(
         seconds *= CKPT_TAX[hw.device]
     if t.adapter == "qlora":
         seconds *= QLORA_TAX[hw.device]
+    if hw.device == "cuda":  # the host's kernel launches, overlapped with the GPU's work
+        launch = accum * base.n_layers * CUDA_LAUNCH_S_PER_LAYER * (CUDA_DORA_LAUNCH if t.adapter == "dora" else 1.0)
+        seconds = max(seconds, launch * (CKPT_TAX["cuda"] if ckpt else 1.0))
     return seconds + accum * MICRO_OVERHEAD[hw.device] + STEP_OVERHEAD[hw.device]
 
 

@@ -232,29 +232,36 @@ def _gather_rng_files(folder: Path, args: Any) -> None:
 
 
 @contextmanager
-def quiet_progress() -> Iterator[None]:
+def quiet_progress(*, datasets: bool = True) -> Iterator[None]:
     """Switch off the libraries' own tqdm bars (weights loading, dataset mapping) and their
     deprecation chatter for a block: render.py draws dlm's progress, and stray output would tear
     through it. (bitsandbytes logs a warning about an optional CPU kernel package on import; the
-    4-bit path works without it.)"""
+    4-bit path works without it.) `datasets=False` leaves the datasets library alone and unimported:
+    answering (`dlm prompt`, `dlm chat`) never needs it, and importing it costs a second."""
     import warnings
 
-    import datasets
     from transformers.utils import logging as hf_logging
 
-    bars = (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())
+    hf_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    ds_bars = False
+    if datasets:
+        import datasets as ds
+
+        ds_bars = ds.is_progress_bar_enabled()
+        ds.disable_progress_bars()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        if bars[0]:
+        if hf_bars:
             hf_logging.enable_progress_bar()
-        if bars[1]:
-            datasets.enable_progress_bars()
+        if ds_bars:
+            import datasets as ds
+
+            ds.enable_progress_bars()
 
 
 @contextmanager

@@ -75,7 +75,7 @@ def load_trained(
     """
     if lean:
         lean_runtime()
-    with _quiet_loading():
+    with quiet_progress(datasets=False):
         base, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, dtype, device)
         with _without_bitsandbytes(lean):
             from peft import PeftModel
@@ -113,7 +113,7 @@ def load_for_answers(
         )
         return Loaded(model, tokenizer, adapter=True, base=base)
     lean_runtime()
-    with _quiet_loading():
+    with quiet_progress(datasets=False):
         model, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, "auto", device)
     return Loaded(model.eval(), tokenizer, adapter=False, base=True)
 
@@ -166,26 +166,6 @@ def _load_base(
         base.resize_token_embeddings(len(tokenizer))
     base.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return base, tokenizer
-
-
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """transformers' weight-loading bar and deprecation chatter off for a block; `train.loop`'s
-    `quiet_progress` without its import of datasets, which answering never needs."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _sampling(temperature: float) -> dict[str, Any]:
