@@ -48,13 +48,14 @@ BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # de
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
-def make_bases(out: Path, tokenizer: Path) -> None:
+def make_bases(out: Path, tokenizer: Path, sizes: list[str]) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg0 = json.loads((tokenizer / "config.json").read_text())
     cfg0.pop("_model_name_or_path", None)
-    for name, shape in SIZES.items():
+    for name in sizes:
+        shape = SIZES[name]
         t0 = time.time()
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def _parity() -> list[dict[str, Any]]:
     return out
 
 
-def run(out: Path, bases: Path, steps: int) -> None:
+def run(out: Path, bases: Path, steps: int, sizes: list[str], runs: list[tuple[str, str]]) -> None:
     import torch
 
     from bench import harness
@@ -143,11 +144,11 @@ def run(out: Path, bases: Path, steps: int) -> None:
     }
     save = out / "gpu-results.json"
     save.write_text(json.dumps(results, indent=1, default=str))
-    for size in SIZES:
+    for size in sizes:
         file = str(docs[size, "lora"])
         cfg0 = {"file": file, "dropout": 0.0, "steps": steps, "home": str(home)}
         plan = [{"kind": "prepare", "adapter": "lora", **cfg0}]
-        plan += [{"kind": k, "adapter": a, "size": size, **cfg0} for k, a in RUNS]
+        plan += [{"kind": k, "adapter": a, "size": size, **cfg0} for k, a in runs]
         for cfg in plan:
             r = harness.run_one(cfg, logs, timeout=300)
             results["runs"].append(r)
@@ -215,6 +216,8 @@ def main() -> int:
     ap.add_argument("--tokenizer", type=Path, help="a SmolLM2-135M folder (default: the embedded base's)")
     ap.add_argument("--bases", type=Path, help="for run: the folder `bases` wrote (default: PATH/bases)")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"for run: some of {', '.join(SIZES)}")
+    ap.add_argument("--runs", default=",".join(f"{k}:{a}" for k, a in RUNS), help="for run: kind:adapter,...")
     args = ap.parse_args()
     if args.what == "table":
         print(table(json.loads(args.path.read_text())))
@@ -225,9 +228,14 @@ def main() -> int:
             from dlm.train import basefolder
 
             tok = basefolder.materialize(bases.resolve("smollm2-135m"), Path(os.environ.get("DLM_HOME", ".dlm-home")))
-        make_bases(args.path, tok)
+        make_bases(args.path, tok, [s for s in args.sizes.split(",") if s in SIZES])
     else:
-        run(args.path, args.bases or args.path / "bases", args.steps)
+        sizes = [s for s in args.sizes.split(",") if s]
+        runs = [(k, a) for k, _, a in (r.partition(":") for r in args.runs.split(",") if r)]
+        unknown = [s for s in sizes if s not in SIZES] + [f"{k}:{a}" for k, a in runs if k not in ("plain", "dlm")]
+        if unknown:
+            ap.error(f"unknown: {', '.join(unknown)}")
+        run(args.path, args.bases or args.path / "bases", args.steps, sizes, runs)
     return 0
 
 
