@@ -198,3 +198,79 @@ def test_export_findings_trigger_and_near_miss() -> None:
     assert lossy.level == "info" and lossy.code == "export-quant-lossy" and "93 of 95" in lossy.message
     assert lossy.evidence == {"quant": "q8_0", "agree": 93, "positions": 95}
     assert codes("gguf", "f16", "llama", False, (95, 95)) == [] and codes("gguf", "q8_0", "llama", False) == []
+
+
+def _logits(model, tok):
+    import torch
+
+    ids = tok(text=_heads(tok)[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_dora_merges_exactly(workdir: Path, tmp_path: Path) -> None:
+    """A DoRA adapter (random B, magnitudes moved off the weight norms) merged by `load_trained`
+    answers as the unmerged adapter does."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dlm.use.infer import load_trained
+
+    tok = AutoTokenizer.from_pretrained(str(workdir / "tiny"))
+    torch.manual_seed(2)
+    dora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(workdir / "tiny")),
+        LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, p in dora.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand_like(p))
+    dora.save_pretrained(str(tmp_path / "dora"))
+    unmerged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(workdir / "tiny")), str(tmp_path / "dora")
+    )
+    merged, _ = load_trained(tmp_path / "dora", workdir / "tiny", dtype="float32", device="cpu")
+    base = AutoModelForCausalLM.from_pretrained(str(workdir / "tiny")).eval()
+    a, b = _logits(unmerged.eval(), tok), _logits(merged, tok)
+    assert (a - b).abs().max().item() < 1e-5
+    assert (a - _logits(base, tok)).abs().max().item() > 1e-3  # the adapter does change the answers
+
+
+def test_qlora_merges_into_the_dequantized_4bit_base(workdir: Path, tmp_path: Path) -> None:
+    """The weights a QLoRA adapter merges into are the ones bitsandbytes' 4-bit layers computed with in
+    training (nf4, double quantisation), dequantized: not the full-precision originals."""
+    import json
+
+    import torch
+    from bitsandbytes import functional as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from dlm.use.infer import dequantized_as_trained, trained_load
+
+    settings = {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "float32",
+    }
+    four_bit = AutoModelForCausalLM.from_pretrained(
+        str(workdir / "tiny"), quantization_config=BitsAndBytesConfig(**settings), device_map="cpu"
+    )
+    ours = AutoModelForCausalLM.from_pretrained(str(workdir / "tiny"))
+    original = ours.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    assert dequantized_as_trained(ours, settings) == 2 * 7  # every block linear; not the head
+    mine = dict(ours.named_modules())
+    compared = 0
+    for name, module in four_bit.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            trained_on = bnb.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            assert torch.equal(mine[name].weight, trained_on), name
+            compared += 1
+    assert compared == 14
+    assert not torch.equal(ours.model.layers[0].self_attn.q_proj.weight, original)
+    # what the store records is what `prompt` and `export` load with
+    (tmp_path / "plan.json").write_text(json.dumps({"model_kwargs": {"dtype": "bfloat16", "quantization": settings}}))
+    assert trained_load(tmp_path) == ("bfloat16", settings)
+    assert trained_load(tmp_path / "missing") == ("auto", None)

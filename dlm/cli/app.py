@@ -445,7 +445,9 @@ def export(
     output: Annotated[Path, typer.Option("-o", "--output", help="A new (or empty) folder to write.")],
     fmt: Annotated[str, typer.Option("--format", help="hf | gguf | ollama | peft (docs/export.md)")] = "hf",
     quant: Annotated[str | None, typer.Option("--quant", help="gguf/ollama: f32 | f16 (default) | bf16 | q8_0")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="hf: float32 (default) | bfloat16 | float16")] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="hf: float32 | bfloat16 | float16 (default: as trained)")
+    ] = None,
 ) -> None:
     """Write the current adapter where people run it: a merged HF folder, a GGUF file, an Ollama
     folder or the PEFT adapter alone; each with a model card (README.md)."""

@@ -3,6 +3,8 @@
 Formats (docs/export.md): `hf`, the adapter merged into its base as a Hugging Face folder; `gguf`,
 the merged model as one `.gguf` file (`use.gguf_file`); `ollama`, that file plus a `Modelfile`;
 `peft`, the adapter alone as a standard PEFT folder. Every folder gets a model card (`use.cards`).
+The merge happens in the dtype the adapter was trained in (a QLoRA adapter into the 4-bit weights
+it learned against, dequantized: `infer.trained_load`); `--dtype` casts the merged hf folder after.
 
 Atomic: everything is written into a temp folder beside the target and renamed into place at the
 end, so an interrupted export leaves nothing under the final name; a non-empty target is refused
@@ -28,7 +30,7 @@ from dlm.plan.findings import EXPORT_FORMATS, GGUF_QUANTS, LOSSY_QUANTS, Finding
 from dlm.store.current import Current
 from dlm.train import basefolder
 from dlm.use import cards
-from dlm.use.infer import load_trained
+from dlm.use.infer import load_trained, trained_load
 
 DEFAULT_QUANT = "f16"
 GGUF_NAME = "model.gguf"
@@ -135,13 +137,19 @@ def export(
         return Exported(out_dir, [*files, "README.md"], list(before))
 
     folder = basefolder.materialize(cur.prepared.base, home)
+    trained_dtype, quantization = trained_load(cur.version_dir)
     model, tokenizer = load_trained(
         cur.version_dir,
         folder,
         trust_remote_code=spec.trust_remote_code,
-        dtype=dtype or "float32",
+        dtype=trained_dtype if trained_dtype != "auto" else "float32",  # merged as trained
         device="cpu",  # written to disk anyway; keeps GPU memory free
+        quantization=quantization,  # QLoRA: into the dequantized 4-bit weights it learned against
     )
+    if dtype is not None:
+        from dlm.train.rows import torch_dtype
+
+        model = model.to(torch_dtype(dtype))
     if fmt == "hf":
         with staging(out_dir) as tmp:
             model.save_pretrained(str(tmp))
