@@ -70,9 +70,10 @@ def load_trained(
     """(model, tokenizer) of a saved adapter on its base, merged for inference unless `merge=False`.
 
     The base is never loaded as 4-bit tensors, even for a QLoRA adapter: merging into them would
-    round the update away (peft #2105). With `quantization` (the plan's bitsandbytes settings, see
+    round the update away. With `quantization` (the plan's bitsandbytes settings, see
     `trained_load`) its weights are the 4-bit values the adapter was trained against, dequantized to
-    `dtype`, the compute dtype (`dequantized_as_trained`); without, the saved weights as they are.
+    `dtype`, the compute dtype (`dequantized_as_trained`), not the originals it never saw (the way
+    peft #2105 recommends); without, the saved weights as they are.
     `device` defaults to the GPU when there is one. `lean` is for a process that only generates
     (see `lean_runtime`); `dtype="auto"` keeps the dtype the base was saved in.
     """
