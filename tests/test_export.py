@@ -274,3 +274,37 @@ def test_qlora_merges_into_the_dequantized_4bit_base(workdir: Path, tmp_path: Pa
     (tmp_path / "plan.json").write_text(json.dumps({"model_kwargs": {"dtype": "bfloat16", "quantization": settings}}))
     assert trained_load(tmp_path) == ("bfloat16", settings)
     assert trained_load(tmp_path / "missing") == ("auto", None)
+
+
+def test_preflight_refuses_what_the_writer_cannot_hold_before_weights_load(workdir: Path, tmp_path: Path) -> None:
+    """From the JSON files alone: rope scaling, a SentencePiece-style tokenizer, a non-ChatML template
+    for Ollama; the tiny base (plain rope, byte-level BPE, ChatML) passes for both formats."""
+    import json
+    import shutil
+
+    from dlm.errors import DlmError
+    from dlm.use.gguf_file import preflight
+
+    tiny = workdir / "tiny"
+    preflight(tiny, tmp_path, ollama=True)  # near miss: nothing to refuse
+    base = tmp_path / "base"
+    shutil.copytree(tiny, base, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((base / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "llama3", "factor": 32.0, "rope_theta": 500000.0}
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DlmError, match="rope scaling 'llama3'"):
+        preflight(base, tmp_path, ollama=False)
+    shutil.copy2(tiny / "config.json", base / "config.json")
+    tok = json.loads((base / "tokenizer.json").read_text())
+    tok["model"]["byte_fallback"] = True
+    (base / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(DlmError, match="SentencePiece"):
+        preflight(base, tmp_path, ollama=False)
+    shutil.copy2(tiny / "tokenizer.json", base / "tokenizer.json")
+    (base / "chat_template.jinja").write_text("{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}")
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    preflight(base, tmp_path, ollama=False)  # gguf carries any Jinja template
+    with pytest.raises(DlmError, match="ChatML"):
+        preflight(base, tmp_path, ollama=True)

@@ -137,6 +137,10 @@ def export(
         return Exported(out_dir, [*files, "README.md"], list(before))
 
     folder = basefolder.materialize(cur.prepared.base, home)
+    if fmt in ("gguf", "ollama"):
+        from dlm.use.gguf_file import preflight
+
+        preflight(folder, cur.version_dir, ollama=fmt == "ollama")
     trained_dtype, quantization = trained_load(cur.version_dir)
     model, tokenizer = load_trained(
         cur.version_dir,

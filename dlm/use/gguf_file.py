@@ -83,6 +83,47 @@ def pre_tokenizer_name(tok_json: dict[str, Any]) -> str:
     return "default"
 
 
+def preflight(base_folder: Path, adapter_dir: Path, *, ollama: bool) -> None:
+    """Refuse, from the folders' JSON files alone (before any weights load), a base the writer cannot
+    hold: rope scaling, a tokenizer that is not byte-level BPE, and for Ollama a template that is
+    not ChatML. The writer checks the same again on the loaded model."""
+    config = _json(base_folder / "config.json")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in ("default", None):
+        raise DlmError(
+            f"GGUF export writes plain rotary embeddings; this base uses rope scaling {rope_type!r}",
+            "export --format hf and convert the folder with llama.cpp's convert_hf_to_gguf.py",
+        )
+    tok_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base_folder
+    model = _json(tok_dir / "tokenizer.json").get("model") or {}
+    if model and (model.get("type") != "BPE" or model.get("byte_fallback")):
+        raise DlmError(
+            f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')}"
+            + (" with byte fallback (SentencePiece style)" if model.get("byte_fallback") else ""),
+            "export --format hf and convert the folder with llama.cpp's convert_hf_to_gguf.py",
+        )
+    if ollama:
+        template = _json(tok_dir / "tokenizer_config.json").get("chat_template") or ""
+        jinja = tok_dir / "chat_template.jinja"
+        template = template if isinstance(template, str) else json.dumps(template)
+        template += jinja.read_text("utf-8") if jinja.is_file() else ""
+        if "<|im_start|>" not in template:
+            raise DlmError(
+                "--format ollama writes a TEMPLATE for ChatML chat templates (SmolLM2, Qwen2); this base's "
+                "template is another layout (or none)",
+                "export --format gguf: the file carries the Jinja chat template in its metadata",
+            )
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     """The tokenizer as GGUF fields: tokens (one per embedding row), token types, merges.
 
