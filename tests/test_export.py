@@ -164,7 +164,7 @@ def test_model_card_front_matter_parses() -> None:
         corpus_sha256="b" * 64,
         reason="reason: precision=fp32, adapter=dora",
         metrics={"steps": 40, "eval_loss": 1.5, "base_eval_loss": 2.5, "train_loss": 1.2},
-        learning={"answer_f1": 0.8},
+        learning={"train": {"n": 3, "f1": 0.8, "answers": [{"q": "x"}]}, "line": "learned: 3/3", "answers": []},
         system_prompt="Answer briefly.",
     )
     text = cards.model_card(facts, "gguf", ["model.gguf"], quant="q8_0")
@@ -173,8 +173,12 @@ def test_model_card_front_matter_parses() -> None:
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["library_name"] == "gguf"
     assert meta["dlm"]["adapter"] == "dora" and meta["dlm"]["data_sha256"] == "b" * 64
     assert meta["dlm"]["reason"].startswith("reason: ") and meta["dlm"]["quant"] == "q8_0"
-    assert meta["dlm"]["metrics"]["eval_loss"] == 1.5 and meta["dlm"]["learning"] == {"answer_f1": 0.8}
+    assert meta["dlm"]["metrics"]["eval_loss"] == 1.5 and meta["dlm"]["learning"] == {
+        "train": {"n": 3, "f1": 0.8},  # the scores; the per-question answers stay in the store
+        "line": "learned: 3/3",
+    }
     assert "dlm_version" in meta["dlm"] and "held-out loss: 1.5000 (base: 2.5000)" in text
+    assert "- learned: 3/3" in text
 
 
 def test_export_findings_trigger_and_near_miss() -> None:

@@ -66,7 +66,7 @@ def test_gguf_q8_0_reports_its_measured_agreement(trained, workdir: Path, tmp_pa
     out = tmp_path / "q8"
     proc = dlm("export", doc.name, "--format", "gguf", "--quant", "q8_0", "-o", str(out), home=home, cwd=workdir)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.gguf"]
-    assert "info export-quant-lossy" in proc.stderr and "positions of the held-out examples" in proc.stderr
+    assert "info export-quant-lossy" in proc.stderr and "positions of the document's held-out examples" in proc.stderr
     assert "ollama create" not in proc.stdout
 
 

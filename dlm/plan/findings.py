@@ -557,7 +557,8 @@ def export_findings(
                 "info",
                 "export-quant-lossy",
                 f"{quant} rounds every weight matrix to 8 bits per block of 32: the greedy next token agreed "
-                f"with the merged model at {same} of {total} positions of the held-out examples",
+                f"with the merged model at {same} of {total} positions of the document's held-out examples (its "
+                "training examples when none are held out)",
                 "use --quant f16 for the exact model (twice the size), or check answers with `dlm prompt`",
                 {"quant": quant, "agree": same, "positions": total},
                 quant,

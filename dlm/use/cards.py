@@ -60,7 +60,7 @@ def model_card(facts: CardFacts, fmt: str, files: list[str], *, quant: str | Non
             "data_sha256": facts.corpus_sha256,
             "reason": facts.reason,
             "metrics": {k: facts.metrics[k] for k in _METRIC_KEYS if facts.metrics.get(k) is not None},
-            **({"learning": facts.learning} if facts.learning else {}),
+            **({"learning": _learning_scores(facts.learning)} if facts.learning else {}),
         },
     }
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=100)
@@ -80,12 +80,26 @@ def model_card(facts: CardFacts, fmt: str, files: list[str], *, quant: str | Non
         lines.append(f"- held-out loss: {m['eval_loss']:.4f}{base} after {m.get('steps')} steps")
     if m.get("train_loss") is not None:
         lines.append(f"- training loss: {m['train_loss']:.4f}")
+    if facts.learning and facts.learning.get("line"):
+        lines.append(f"- {facts.learning['line']}")
     if facts.system_prompt:
         lines.append(f"- system prompt used in training: {json.dumps(facts.system_prompt)}")
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files) + ".", ""]
     if extra:
         lines += [extra.rstrip(), ""]
     return f"---\n{front}---\n\n" + "\n".join(lines)
+
+
+def _learning_scores(learning: dict[str, Any]) -> dict[str, Any]:
+    """The learning report's numbers (counts, F1, losses, perplexities, its line), without the
+    per-question answers it also keeps (those stay in the store's metrics.json)."""
+    out: dict[str, Any] = {}
+    for key, value in learning.items():
+        if isinstance(value, dict):
+            out[key] = {k: v for k, v in value.items() if isinstance(v, (int, float, str, bool))}
+        elif isinstance(value, (int, float, str, bool)):
+            out[key] = value
+    return out
 
 
 # --- Ollama ----------------------------------------------------------------------------------------

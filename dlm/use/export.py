@@ -187,7 +187,8 @@ def export(
             (tmp / "Modelfile").write_text(cards.modelfile(tokenizer, GGUF_NAME, spec.system_prompt), "utf-8")
             files.append("Modelfile")
             ollama_line = f"ollama create {cards.ollama_name(facts.name)} -f {out_dir / 'Modelfile'}"
-            extra = f"Run it: `{ollama_line}`, then `ollama run {cards.ollama_name(facts.name)}`."
+            name = cards.ollama_name(facts.name)
+            extra = f"Run it from this folder: `ollama create {name} -f Modelfile`, then `ollama run {name}`."
         (tmp / "README.md").write_text(cards.model_card(facts, fmt, files, quant=quant, extra=extra), "utf-8")
     return Exported(out_dir, [*files, "README.md"], findings, ollama_line, info)
 
