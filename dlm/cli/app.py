@@ -443,21 +443,30 @@ def show(
 def export(
     file: Annotated[Path, typer.Argument(help="The trained document.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A new (or empty) folder to write.")],
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "float32",
+    fmt: Annotated[str, typer.Option("--format", help="hf | gguf | ollama | peft (docs/export.md)")] = "hf",
+    quant: Annotated[str | None, typer.Option("--quant", help="gguf/ollama: f32 | f16 (default) | bf16 | q8_0")] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="hf: float32 | bfloat16 | float16 (default: as trained)")
+    ] = None,
 ) -> None:
-    """Merge the current adapter into its base and write a standard Hugging Face model folder."""
+    """Write the current adapter where people run it: a merged HF folder, a GGUF file, an Ollama
+    folder or the PEFT adapter alone; each with a model card (README.md)."""
     from dlm.store import current
-    from dlm.train import basefolder
-    from dlm.use.export import export_merged
+    from dlm.use import export as exporting
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise DlmError(f"--dtype must be float32, bfloat16 or float16 (got {dtype!r})", "for example: --dtype bfloat16")
+    exporting.check_options(fmt, quant, dtype)  # before the store is read or anything loads
+    exporting.refuse_non_empty(output)
     cur = current.current(file, State.home)
-    folder = basefolder.materialize(cur.prepared.base, State.home)
-    target = export_merged(
-        cur.version_dir, folder, output, trust_remote_code=cur.prepared.spec.trust_remote_code, dtype=dtype
+    done = exporting.export(cur, State.home, fmt, output, quant=quant, dtype=dtype)
+    if State.verbosity >= 0:
+        render.finding_lines(err, done.findings)
+    out.print(
+        f"wrote {done.out_dir} ({', '.join(done.files)}; {cur.version_dir.name} of {cur.prepared.spec.base_model})",
+        highlight=False,
+        soft_wrap=True,
     )
-    out.print(f"wrote {target} ({cur.version_dir.name} merged into {cur.prepared.spec.base_model})", highlight=False)
+    if done.ollama_create:
+        out.print(done.ollama_create, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -510,3 +510,58 @@ def reason_line(head: dict[str, str], findings: tuple[Finding, ...]) -> str:
         if codes:
             parts.append(f"{level}={','.join(codes)}")
     return "reason: " + ", ".join(parts)
+
+
+# --- export: `dlm export` checks its format against the adapter and the base ---------------------
+
+EXPORT_FORMATS = ("hf", "gguf", "ollama", "peft")
+GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # HF model_type -> GGUF architecture
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0")  # what the gguf package writes here (docs/export.md)
+LOSSY_QUANTS = frozenset({"q8_0"})
+
+
+def export_findings(
+    fmt: str, quant: str | None, model_type: str, dora: bool, agreement: tuple[int, int] | None = None
+) -> tuple[Finding, ...]:
+    """Findings about one export: before the weights load (`agreement` None) and after a lossy
+    quantisation was measured (`agreement` = greedy next tokens that agree, positions compared)."""
+    out: list[Finding] = []
+    gguf = fmt in ("gguf", "ollama")
+    if gguf and model_type not in GGUF_ARCHS:
+        archs = sorted(GGUF_ARCHS)
+        out.append(
+            Finding(
+                "block",
+                "gguf-arch-unsupported",
+                f"--format {fmt} writes GGUF for the architectures {', '.join(archs)}; this base is {model_type!r}",
+                "export --format hf and convert the folder with llama.cpp's convert_hf_to_gguf.py",
+                {"model_type": model_type, "supported": archs},
+                model_type,
+            )
+        )
+    if fmt == "peft" and dora:
+        out.append(
+            Finding(
+                "info",
+                "dora-not-vllm-servable",
+                "DoRA adapter: PEFT and transformers load it, but vLLM serves LoRA adapters only (DoRA support "
+                "is an open request, vllm #10849)",
+                "for vLLM, export --format hf (merged: a plain model, DoRA's cost gone) and serve that",
+                {"adapter": "dora"},
+            )
+        )
+    if gguf and quant in LOSSY_QUANTS and agreement is not None:
+        same, total = agreement
+        out.append(
+            Finding(
+                "info",
+                "export-quant-lossy",
+                f"{quant} rounds every weight matrix to 8 bits per block of 32: the greedy next token agreed "
+                f"with the merged model at {same} of {total} positions of the document's held-out examples (its "
+                "training examples when none are held out)",
+                "use --quant f16 for the exact model (twice the size), or check answers with `dlm prompt`",
+                {"quant": quant, "agree": same, "positions": total},
+                quant,
+            )
+        )
+    return tuple(out)

@@ -6,7 +6,7 @@ shares `train.rows`' chat rendering and loss masking, so answers and evaluation 
 training saw.
 
 Answering (`dlm prompt`, `dlm chat`) loads only what generation needs: transformers and PEFT, never
-trl or datasets, the base in the dtype it was saved in, with PEFT's optional bitsandbytes import
+trl or datasets, the base in the dtype the adapter was trained in (`trained_load`), with PEFT's optional bitsandbytes import
 skipped and idle OpenMP threads sleeping (see `load_trained`'s `lean`). Questions are answered in
 batches, left padded; base answers come from the same model with the adapter switched off.
 """
@@ -65,11 +65,15 @@ def load_trained(
     dtype: str = "float32",
     device: str | None = None,
     lean: bool = False,
+    quantization: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) of a saved adapter on its base, merged for inference unless `merge=False`.
 
-    The base is loaded unquantized even for a QLoRA adapter: merging into 4-bit weights would round
-    the update away, and inference on the full-precision base is what export writes anyway.
+    The base is never loaded as 4-bit tensors, even for a QLoRA adapter: merging into them would
+    round the update away. With `quantization` (the plan's bitsandbytes settings, see
+    `trained_load`) its weights are the 4-bit values the adapter was trained against, dequantized to
+    `dtype`, the compute dtype (`dequantized_as_trained`), not the originals it never saw (the way
+    peft #2105 recommends); without, the saved weights as they are.
     `device` defaults to the GPU when there is one. `lean` is for a process that only generates
     (see `lean_runtime`); `dtype="auto"` keeps the dtype the base was saved in.
     """
@@ -77,11 +81,50 @@ def load_trained(
         lean_runtime()
     with quiet_progress(datasets=False):
         base, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, dtype, device)
+        if quantization:
+            dequantized_as_trained(base, quantization)
         with _without_bitsandbytes(lean):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(base, str(adapter_dir))
         return (merge_for_inference(model) if merge else model.eval()), tokenizer
+
+
+def trained_load(adapter_dir: Path) -> tuple[str, dict[str, Any] | None]:
+    """(dtype, bitsandbytes settings or None) the adapter in `adapter_dir` was trained with, from
+    the plan its version recorded (`plan.json`'s model_kwargs); ("auto", None) when none is recorded."""
+    import json
+
+    try:
+        kwargs = json.loads((Path(adapter_dir) / "plan.json").read_text("utf-8")).get("model_kwargs") or {}
+    except (OSError, ValueError, AttributeError):
+        return "auto", None
+    return str(kwargs.get("dtype") or "auto"), kwargs.get("quantization") or None
+
+
+def dequantized_as_trained(model: Any, quantization: dict[str, Any]) -> int:
+    """Replace, in place, the weight of every linear layer bitsandbytes quantizes on loading (all but
+    the output head) with its 4-bit value dequantized: the weights a QLoRA adapter was trained on,
+    in full tensors of the model's dtype, so the adapter merges into what it learned against.
+    Returns the number of layers changed."""
+    import torch
+    from bitsandbytes import functional as bnb
+
+    head = model.get_output_embeddings()
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                w = module.weight
+                packed, state = bnb.quantize_4bit(
+                    w.data.float(),
+                    blocksize=64,
+                    compress_statistics=bool(quantization.get("bnb_4bit_use_double_quant", False)),
+                    quant_type=str(quantization.get("bnb_4bit_quant_type", "fp4")),
+                )
+                w.copy_(bnb.dequantize_4bit(packed, state).to(w.dtype))
+                count += 1
+    return count
 
 
 def load_for_answers(
@@ -93,7 +136,8 @@ def load_for_answers(
     trust_remote_code: bool = False,
     device: str | None = None,
 ) -> Loaded:
-    """The model `dlm prompt` and `dlm chat` answer with, loaded once, in the saved dtype.
+    """The model `dlm prompt` and `dlm chat` answer with, loaded once, in the dtype (and, for QLoRA,
+    the dequantized 4-bit weights) the adapter was trained with (`trained_load`).
 
     Only the adapter's answers: merged for good (it then costs what the base costs per token). Base
     answers too: one PEFT model, merged for the adapter's answers and unmerged with the adapter off
@@ -101,20 +145,24 @@ def load_for_answers(
     """
     if not adapter and not base:
         raise ValueError("ask for the adapter's answers, the base's or both")
+    dtype, quantization = trained_load(adapter_dir)
     if adapter:
         model, tokenizer = load_trained(
             adapter_dir,
             base_folder,
             trust_remote_code=trust_remote_code,
             merge=not base,
-            dtype="auto",
+            dtype=dtype,
             device=device,
             lean=True,
+            quantization=quantization,
         )
         return Loaded(model, tokenizer, adapter=True, base=base)
     lean_runtime()
     with quiet_progress(datasets=False):
-        model, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, "auto", device)
+        model, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, dtype, device)
+        if quantization:
+            dequantized_as_trained(model, quantization)
     return Loaded(model.eval(), tokenizer, adapter=False, base=True)
 
 
