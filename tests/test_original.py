@@ -345,3 +345,15 @@ def test_training_an_uncached_alias_names_dlm_pull(tmp_path: Path, monkeypatch: 
     assert "dlm pull qwen2.5-1.5b" in (info.value.hint or "")
     snap = fake_cache(tmp_path, "Qwen/Qwen2.5-1.5B-Instruct")
     assert bases.cached_snapshot("Qwen/Qwen2.5-1.5B-Instruct") == snap  # the near miss: pulled, found
+
+
+def test_a_run_records_the_resolved_commit_of_a_cached_base(workdir: Path, tmp_path: Path) -> None:
+    from dlm.store.resume import run_shape
+
+    doc = workdir / "rev.dlm"
+    doc.write_text(f"---\ndlm_id: {ID}\nbase_model: ./tiny\n---\nSome prose to train on.\n")
+    prepared = prepare(doc, load_fixture(HW))
+    snap = tmp_path / "models--org--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(workdir / "tiny", snap)
+    assert run_shape(prepared, snap)["base"]["revision"] == "0123abcd"
+    assert run_shape(prepared, workdir / "tiny")["base"]["revision"] is None  # a plain folder has none
