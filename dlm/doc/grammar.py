@@ -79,6 +79,15 @@ class Section:
 
 
 @dataclass(frozen=True)
+class SourceRead:
+    """What one `training.sources` item contributed (`dlm.doc.sources`)."""
+
+    path: str  # as the document wrote it
+    files: tuple[str, ...]  # the files read, as their sections' `path`
+    skipped: tuple[tuple[str, int], ...]  # (why, how many): binary, not UTF-8, too large, past max_files, empty
+
+
+@dataclass(frozen=True)
 class Doc:
     path: str
     frontmatter: Mapping[str, Any]
@@ -92,6 +101,7 @@ class Doc:
     # the schema's; `yaml_ok` False means the frontmatter could not be read (so it is not validated)
     problems: tuple[DlmError, ...] = ()
     yaml_ok: bool = True
+    sources: tuple[SourceRead, ...] = ()  # `training.sources`, read
 
 
 # ---------------------------------------------------------------- body

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dlm.doc.compat import ORIGINAL_VERSIONS, translate
 from dlm.doc.datafiles import read_doc
 from dlm.doc.grammar import Doc
+from dlm.doc.sources import add_sources
 from dlm.errors import DlmError, DlmErrors
 
 SCHEMA_VERSION = 1
@@ -43,6 +44,16 @@ class _Frozen(BaseModel):
     # allow_inf_nan=False (found by tests/test_fuzz.py): YAML's .inf / .nan passed every `ge`/`gt`-only
     # bound, so `weight_decay: .inf` or `galore_scale: .inf` was accepted and reached the trainer.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Source(_Frozen):
+    """One `training.sources` item: a folder whose files train as prose (`dlm.doc.sources`)."""
+
+    path: str = Field(min_length=1, description="a folder (or file) relative to the document's folder")
+    include: str | list[str] = Field("**/*", description="globs of the files to read (relative to path)")
+    exclude: str | list[str] = Field(default_factory=list, description="globs of files to leave out; checked first")
+    max_files: int | None = Field(None, ge=1, description="read the first N files in sorted order")
+    max_bytes_per_file: int | None = Field(None, ge=1, description="skip (and count) larger files")
 
 
 class Training(_Frozen):
@@ -100,6 +111,10 @@ class Training(_Frozen):
     report_to: Literal["none", "tensorboard"] = Field(
         "none",
         description="tensorboard: the run's log as TensorBoard event files in runs/rNNNN/logs/ (pip install 'dlm[tensorboard]')",
+    )
+    sources: list[Source] = Field(default_factory=list, description="folders of files read as prose")
+    sources_policy: Literal["strict", "permissive"] = Field(
+        "strict", description="strict: sources stay inside the document's folder; permissive: any folder"
     )
     report: int = Field(
         32,
@@ -202,7 +217,7 @@ Position = tuple[int, int]
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Spec
     for part in loc[:-1]:
-        model = _NESTED.get(part, model) if model is Spec else model
+        model = Source if part == "sources" else _NESTED.get(part, model) if model is Spec else model
     return list(model.model_fields)
 
 
@@ -233,7 +248,7 @@ def _locate(loc: tuple[Any, ...], positions: Mapping[tuple, Position]) -> Positi
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # Pydantic adds the union member it tried ('list[str]', "literal['auto']", 'int') to the loc;
     # keep only real keys and list indexes. Unknown keys are kept as the last part.
-    known = set(Spec.model_fields) | set(Training.model_fields) | set(Export.model_fields)
+    known = set(Spec.model_fields) | set(Training.model_fields) | set(Export.model_fields) | set(Source.model_fields)
     kept = [p for p in loc[:-1] if isinstance(p, int) or p in known]
     last = loc[-1] if loc else None
     if last is not None and (isinstance(last, int) or last in known or len(kept) == len(loc) - 1):
@@ -345,6 +360,10 @@ def check_doc(path: str | Path) -> tuple[Doc, Spec | None, list[DlmError]]:
     """Read a document and validate its frontmatter, keeping every YAML, body and schema error."""
     doc = read_doc(path, collect=True)
     errors, spec = list(doc.problems), None
+    try:
+        doc = add_sources(doc)
+    except DlmError as exc:
+        errors.append(exc)
     if doc.yaml_ok:
         try:
             spec = parse_spec(doc.frontmatter, doc.positions, doc.path)

@@ -478,6 +478,27 @@ def _run_infos(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusSta
             n_heldout=0,
             eval_fraction=t.eval_fraction,
         )
+    if corpus.sources:
+        add(
+            "info",
+            "sources-read",
+            "training.sources: "
+            + "; ".join(f"{path}: {n} file(s), {tok} tokens" for path, n, tok in corpus.sources)
+            + f" ({corpus.counted})",
+            "narrow a source with include / exclude globs or max_files",
+            f"{sum(n for _, n, _ in corpus.sources)} files",
+            sources={path: {"files": n, "tokens": tok} for path, n, tok in corpus.sources},
+        )
+    if corpus.skipped:
+        add(
+            "info",
+            "sources-skipped",
+            "files skipped in training.sources: " + "; ".join(f"{path}: {n} {why}" for path, why, n in corpus.skipped),
+            "save text files as UTF-8 and raise max_bytes_per_file / max_files to read them; "
+            "exclude globs silence the files you never meant to read",
+            f"{sum(n for _, _, n in corpus.skipped)} skipped",
+            skipped=[{"source": path, "why": why, "files": n} for path, why, n in corpus.skipped],
+        )
     if spec.dlm_version in ORIGINAL_VERSIONS:
         add(
             "info",

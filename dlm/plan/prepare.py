@@ -88,6 +88,7 @@ def prepare(
         eval_fraction=spec.training.eval_fraction,
         counts=counts,
         counted_with=base.name if counts is not None else why,
+        sources=doc.sources,
     )
     plan = make_plan(spec, hardware, base, stats, world_size=world_size, purpose=purpose, sharding=sharding)
     return Prepared(doc, spec, base, train, heldout, stats, hardware, plan)
