@@ -357,3 +357,11 @@ def test_a_run_records_the_resolved_commit_of_a_cached_base(workdir: Path, tmp_p
     shutil.copytree(workdir / "tiny", snap)
     assert run_shape(prepared, snap)["base"]["revision"] == "0123abcd"
     assert run_shape(prepared, workdir / "tiny")["base"]["revision"] is None  # a plain folder has none
+
+
+def test_migrate_a_standalone_spec(tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"# a spec\ndlm_id: {ID}\ndlm_version: 12\nexport: {{default_top_p: 0.5}}\n")
+    proc = dlm("migrate", spec.name, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert spec.read_text() == f"# a spec\ndlm_id: {ID}\ndlm_version: 1\nexport: {{top_p: 0.5}}\n"

@@ -30,7 +30,8 @@ def _span(node: yaml.Node, first: int) -> tuple[int, int, int]:
 
 
 def _frontmatter_edits(doc: Doc, lines: list[str]) -> tuple[list[Edit], list[str]]:
-    first, end = 1, doc.body_line - 2  # between the `---` lines
+    spec_file = doc.path.lower().endswith((".yaml", ".yml"))
+    first, end = (0, len(lines)) if spec_file else (1, doc.body_line - 2)  # a .dlm: between the `---` lines
     root = yaml.compose("\n".join(lines[first:end]) + "\n")
     edits: list[Edit] = []
     changes: list[str] = []
