@@ -365,3 +365,15 @@ def test_migrate_a_standalone_spec(tmp_path: Path) -> None:
     proc = dlm("migrate", spec.name, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert spec.read_text() == f"# a spec\ndlm_id: {ID}\ndlm_version: 1\nexport: {{top_p: 0.5}}\n"
+
+
+def test_train_side_base_error_points_at_base_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlm.train.basefolder import materialize
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    doc = copy(tmp_path, "gallery.dlm")
+    with pytest.raises(DlmError) as info:
+        prepare(doc, load_fixture(HW), base_folder=lambda b: materialize(b, tmp_path / "home"))
+    assert (info.value.path, info.value.line) == (str(doc), 5)
+    assert "dlm pull qwen2.5-coder-1.5b" in (info.value.hint or "")

@@ -80,7 +80,13 @@ def prepare(
     _check_something_trains(doc, train, heldout)
     counts, why = None, "the base's tokenizer was not looked for"
     if base_folder is not None or home is not None:
-        folder = base_folder(base) if base_folder is not None else None
+        try:
+            folder = base_folder(base) if base_folder is not None else None
+        except DlmError as exc:  # a base not on disk (`dlm pull` names the way): at the base_model key
+            if exc.line is not None or exc.exit_code != 2:
+                raise
+            line, col = doc.positions.get(("base_model",), (1, 1))
+            raise DlmError(exc.message, exc.hint, doc.path, line, col) from None
         counts, why = tokens.count(base, train + heldout, home=home, folder=folder, cache_name=spec.dlm_id)
     stats = corpus.stats(
         train,
