@@ -377,3 +377,15 @@ def test_train_side_base_error_points_at_base_model(tmp_path: Path, monkeypatch:
         prepare(doc, load_fixture(HW), base_folder=lambda b: materialize(b, tmp_path / "home"))
     assert (info.value.path, info.value.line) == (str(doc), 5)
     assert "dlm pull qwen2.5-coder-1.5b" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize("value", ["[adamw_bnb_8bit]", "{a: 1}"])
+def test_an_optimizer_that_is_not_a_name_is_a_schema_error(tmp_path: Path, value: str) -> None:
+    # found by tests/test_fuzz.py: the mapping of adamw_bnb_8bit looked a list up in a dict
+    p = tmp_path / "o.dlm"
+    p.write_text(f"---\ndlm_id: {ID}\ndlm_version: 15\ntraining:\n  optimizer: {value}\n---\nx\n")
+    with pytest.raises(DlmError) as info:
+        load_spec(p)
+    assert [e.line for e in errors_of(info.value)] == [5]
+    with pytest.raises(DlmError):
+        migrate_text(p.read_text(), str(p))

@@ -141,3 +141,15 @@ def test_editing_a_source_file_makes_the_store_stale(tmp_path: Path) -> None:
 
     p = prepare(plain, load_fixture(HW))  # a document without files: the text's own hash, as before
     assert doc_sha256(p) == hashlib.sha256(p.doc.text.encode("utf-8")).hexdigest()
+
+
+def test_a_link_leading_out_of_the_folder_is_skipped_and_counted(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("outside")
+    (tmp_path / "doc" / "notes").mkdir(parents=True)
+    (tmp_path / "doc" / "notes" / "ok.md").write_text("inside")
+    (tmp_path / "doc" / "notes" / "link.md").symlink_to(tmp_path / "secret.txt")
+    d, _ = load_spec(document(tmp_path / "doc", "    - path: notes\n"))
+    (read,) = d.sources
+    assert [Path(f).name for f in read.files] == ["ok.md"]
+    assert dict(read.skipped) == {"not a regular file inside the folder": 1}
+    assert not any("outside" in s.text for s in d.sections)

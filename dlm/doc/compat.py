@@ -47,11 +47,6 @@ REFUSED: dict[str, tuple[str, str]] = {
 Position = tuple[int, int]
 
 
-def is_original(mapping: Mapping[str, Any]) -> bool:
-    v = mapping.get("dlm_version")
-    return isinstance(v, int) and not isinstance(v, bool) and v in ORIGINAL_VERSIONS
-
-
 def translate(
     mapping: Mapping[str, Any], positions: Mapping[tuple, Position], path: str | None
 ) -> tuple[dict[str, Any], dict[tuple, Position], list[DlmError]]:
@@ -79,7 +74,7 @@ def translate(
                 line, col = pos.get(("training", key)) or pos.get(("training",)) or (1, 1)
                 errors.append(DlmError(f"not supported by dlm: {feature}", instead, path, line, col))
                 del t[key]
-        if t.get("optimizer") in OPTIMIZERS:
+        if isinstance(t.get("optimizer"), str) and t["optimizer"] in OPTIMIZERS:
             t["optimizer"] = OPTIMIZERS[t["optimizer"]]
         if "precision" in t and t["precision"] is None:
             t["precision"] = "auto"  # that format's null: let the planner pick

@@ -62,7 +62,7 @@ def _frontmatter_edits(doc: Doc, lines: list[str]) -> tuple[list[Edit], list[str
     raw_training = fm.get("training")
     training: dict[str, Any] = raw_training if isinstance(raw_training, dict) else {}
     _, node = value(("training", "optimizer"))
-    if node is not None and training.get("optimizer") in OPTIMIZERS:
+    if node is not None and isinstance(training.get("optimizer"), str) and training["optimizer"] in OPTIMIZERS:
         old = training["optimizer"]
         change(node, OPTIMIZERS[old], f"training.optimizer {old} -> {OPTIMIZERS[old]} (the same 8-bit AdamW)")
     _, node = value(("training", "precision"))

@@ -65,6 +65,7 @@ def add_sources(doc: Doc) -> Doc:
     if not isinstance(items, list) or not items:
         return doc
     permissive = training.get("sources_policy") == "permissive"
+    home = Path(doc.path).parent.resolve()
     digest = hashlib.sha256(doc.sha256.encode("ascii"))
     sections, reads = list(doc.sections), []
     for i, item in enumerate(items):
@@ -77,7 +78,9 @@ def add_sources(doc: Doc) -> Doc:
         include = _globs(item.get("include"), DEFAULT_INCLUDE)
         exclude = _globs(item.get("exclude"), ())
         max_files, max_bytes = _limit(item.get("max_files")), _limit(item.get("max_bytes_per_file"))
-        files, skipped = [], {"binary": 0, "not UTF-8": 0, "too large": 0, "past max_files": 0, "empty": 0}
+        files: list[str] = []
+        skipped = dict.fromkeys(("binary", "not UTF-8", "too large", "past max_files", "empty"), 0)
+        skipped["not a regular file inside the folder"] = 0
         chosen = [
             r for r in _walk(root) if not any(matches(r, p) for p in exclude) and any(matches(r, p) for p in include)
         ]
@@ -88,10 +91,14 @@ def add_sources(doc: Doc) -> Doc:
             target = root / rel if not root.is_file() else root
             shown = f"{shown_root}/{rel}" if not root.is_file() else shown_root
             limit = min(max_bytes or MAX_DATA_BYTES, MAX_DATA_BYTES)
-            if target.stat().st_size > limit:
+            real = target.resolve()
+            if not real.is_file() or not (permissive or real.is_relative_to(home)):
+                skipped["not a regular file inside the folder"] += 1  # a fifo, socket or a link leading out
+                continue
+            if real.stat().st_size > limit:
                 skipped["too large"] += 1
                 continue
-            raw = target.read_bytes()
+            raw = real.read_bytes()
             if b"\0" in raw[:BINARY_PROBE]:
                 skipped["binary"] += 1
                 continue
