@@ -130,7 +130,7 @@ def test_export_defaults_are_validated_at_their_line(tmp_path: Path, export: str
     with pytest.raises(DlmError) as info:
         load_spec(p)
     (err,) = errors_of(info.value)
-    assert f"'{key}'" in err.message and err.line in (5, 6)
+    assert f"'default_{key}'" in err.message and err.line in (5, 6)  # the name the document wrote
 
 
 def test_export_near_miss_our_own_names_read() -> None:
@@ -166,7 +166,7 @@ def test_every_unsupported_feature_is_named_in_one_report() -> None:
         (13, 3): "training.cache",
         (15, 3): "training.dpo",
         (17, 3): "training.preference",
-        (20, 3): "'quant'",
+        (20, 3): "'default_quant'",
         (24, 1): "image sections",
         (26, 1): "audio sections",
         (29, 1): "'### Q'",

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dlm.doc.compat import ORIGINAL_VERSIONS, translate
+from dlm.doc.compat import EXPORT_KEYS, ORIGINAL_VERSIONS, translate
 from dlm.doc.datafiles import read_doc
 from dlm.doc.grammar import Doc
 from dlm.doc.sources import add_sources
@@ -308,6 +308,10 @@ def parse_spec(
     positions = positions or {}
     if not isinstance(mapping, Mapping):
         raise DlmError("the frontmatter must be a mapping of keys", "start with `dlm_id: ...`", path, 1, 1)
+    written = mapping.get("export")  # DocumentLanguageModel's export names, for the messages
+    renamed = {
+        ("export", new): old for old, new in EXPORT_KEYS.items() if isinstance(written, Mapping) and old in written
+    }
     mapping, positions, errors = translate(mapping, positions, path)
     try:
         spec = Spec.model_validate(dict(mapping))
@@ -324,6 +328,7 @@ def parse_spec(
                 continue
             seen.add(loc)
             key = str(next((p for p in reversed(loc) if isinstance(p, str)), "frontmatter"))
+            key = renamed.get(loc, key)
             message, hint = _message(err, key)
             if err["type"] == "extra_forbidden":
                 hint = _suggest(key, loc)
