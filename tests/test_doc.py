@@ -516,7 +516,7 @@ def test_schema_errors_use_the_key_positions(tmp_path: Path) -> None:
     p = write(
         tmp_path,
         "s.dlm",
-        f"---\ndlm_id: {ID}\ndlm_version: 2\ntraining:\n  lora_rank: 8\n"
+        f"---\ndlm_id: {ID}\ndlm_version: 16\ntraining:\n  lora_rank: 8\n"
         "  lora_dropout: 1.5\n  target_modules:\n    - q_proj\n    - 7\n---\nx\n",
     )
     d = read_doc(p)

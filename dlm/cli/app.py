@@ -169,6 +169,38 @@ def twin(
 
 
 @app.command()
+def migrate(
+    file: Annotated[Path, typer.Argument(help="A document in DocumentLanguageModel's format.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the changes; write nothing.")] = False,
+) -> None:
+    """Rewrite a DocumentLanguageModel document in dlm's format, in place (FILE.bak keeps the original)."""
+    from dlm.doc.migrate import migrate_file
+
+    changes, backup = migrate_file(file, dry_run)
+    for line in changes:
+        out.print(f"{file}:{line}", highlight=False, soft_wrap=True)
+    if not changes:
+        out.print(f"{file}: already in dlm's format; nothing to change", highlight=False)
+    elif backup is not None:
+        out.print(f"rewrote {file} ({len(changes)} change(s)); the original is {backup}", highlight=False)
+    else:
+        out.print(f"dry run: {len(changes)} change(s), nothing written", highlight=False)
+
+
+@app.command()
+def pull(
+    base: Annotated[str, typer.Argument(help="An alias (dlm doctor lists them), hf:org/name or org/name.")],
+    revision: Annotated[str | None, typer.Option("--revision", help="A branch, tag or commit.")] = None,
+) -> None:
+    """Download a base into the Hugging Face cache (the one command that uses the network)."""
+    from dlm.train.pull import pull as pull_base
+
+    got = pull_base(base, revision)
+    state = "already in the cache" if got.cached else "downloaded"
+    out.print(f"{got.hub_id} {state}: commit {got.commit} at {got.folder}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of the frontmatter (for editor completion)."""
     from dlm.doc.schema import json_schema

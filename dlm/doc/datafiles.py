@@ -271,7 +271,7 @@ def _first(line: str) -> int:
     return len(line) - len(line.lstrip()) + 1
 
 
-def read_doc(path: str | Path) -> Doc:
-    """Read a document or spec from disk, plus the data files its `data:` key names."""
+def read_doc(path: str | Path, collect: bool = False) -> Doc:
+    """Read a document or spec from disk, plus the data files its `data:` key names (`collect`: see parse_doc)."""
     shown = str(path)
-    return add_data(parse_doc(decode(read_bytes(Path(path), shown, MAX_BYTES), shown), shown))
+    return add_data(parse_doc(decode(read_bytes(Path(path), shown, MAX_BYTES), shown), shown, collect))

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dlm.doc.compat import EXPORT_KEYS, ORIGINAL_VERSIONS, translate
 from dlm.doc.datafiles import read_doc
 from dlm.doc.grammar import Doc
+from dlm.doc.sources import add_sources
 from dlm.errors import DlmError, DlmErrors
 
 SCHEMA_VERSION = 1
@@ -42,6 +44,16 @@ class _Frozen(BaseModel):
     # allow_inf_nan=False (found by tests/test_fuzz.py): YAML's .inf / .nan passed every `ge`/`gt`-only
     # bound, so `weight_decay: .inf` or `galore_scale: .inf` was accepted and reached the trainer.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Source(_Frozen):
+    """One `training.sources` item: a folder whose files train as prose (`dlm.doc.sources`)."""
+
+    path: str = Field(min_length=1, description="a folder (or file) relative to the document's folder")
+    include: str | list[str] = Field("**/*", description="globs of the files to read (relative to path)")
+    exclude: str | list[str] = Field(default_factory=list, description="globs of files to leave out; checked first")
+    max_files: int | None = Field(None, ge=1, description="read the first N files in sorted order")
+    max_bytes_per_file: int | None = Field(None, ge=1, description="skip (and count) larger files")
 
 
 class Training(_Frozen):
@@ -100,6 +112,10 @@ class Training(_Frozen):
         "none",
         description="tensorboard: the run's log as TensorBoard event files in runs/rNNNN/logs/ (pip install 'dlm[tensorboard]')",
     )
+    sources: list[Source] = Field(default_factory=list, description="folders of files read as prose")
+    sources_policy: Literal["strict", "permissive"] = Field(
+        "strict", description="strict: sources stay inside the document's folder; permissive: any folder"
+    )
     report: int = Field(
         32,
         ge=0,
@@ -128,6 +144,16 @@ class Training(_Frozen):
         return v
 
 
+class Export(_Frozen):
+    """`export:` — defaults `dlm export` reads for the files it writes (a flag given on the command line wins)."""
+
+    quant: Literal["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"] | None = Field(
+        None, description="GGUF quantisation of an exported model"
+    )
+    temperature: float | None = Field(None, gt=0, le=2, description="sampling temperature of the exported model")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling of the exported model")
+
+
 class Spec(_Frozen):
     """The whole frontmatter."""
 
@@ -138,6 +164,7 @@ class Spec(_Frozen):
     trust_remote_code: bool = Field(False, description="run the base's own Python code (off)")
     data: list[str] = Field(default_factory=list, description="extra local data files")
     training: Training = Field(default_factory=Training)
+    export: Export = Field(default_factory=Export)
 
     @field_validator("dlm_id")
     @classmethod
@@ -149,8 +176,12 @@ class Spec(_Frozen):
     @field_validator("dlm_version")
     @classmethod
     def _known_version(cls, v: int) -> int:
-        if v > SCHEMA_VERSION:
-            raise ValueError(f"version {v} is newer than this dlm understands ({SCHEMA_VERSION})")
+        # 2..15: DocumentLanguageModel's versions, which only add keys to 1 (dlm.doc.compat)
+        if v > SCHEMA_VERSION and v not in ORIGINAL_VERSIONS:
+            raise ValueError(
+                f"version {v} is newer than this dlm understands ({SCHEMA_VERSION}, or "
+                f"DocumentLanguageModel's {ORIGINAL_VERSIONS[0]}..{ORIGINAL_VERSIONS[-1]})"
+            )
         return v
 
 
@@ -179,14 +210,14 @@ _SYNONYMS = {
     "warmup_steps": "warmup_ratio",
     "activation_checkpointing": "gradient_checkpointing",
 }
-_NESTED = {"training": Training}
+_NESTED: dict[str, type[BaseModel]] = {"training": Training, "export": Export}
 Position = tuple[int, int]
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Spec
     for part in loc[:-1]:
-        model = _NESTED.get(part, model) if model is Spec else model
+        model = Source if part == "sources" else _NESTED.get(part, model) if model is Spec else model
     return list(model.model_fields)
 
 
@@ -217,7 +248,7 @@ def _locate(loc: tuple[Any, ...], positions: Mapping[tuple, Position]) -> Positi
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # Pydantic adds the union member it tried ('list[str]', "literal['auto']", 'int') to the loc;
     # keep only real keys and list indexes. Unknown keys are kept as the last part.
-    known = set(Spec.model_fields) | set(Training.model_fields)
+    known = set(Spec.model_fields) | set(Training.model_fields) | set(Export.model_fields) | set(Source.model_fields)
     kept = [p for p in loc[:-1] if isinstance(p, int) or p in known]
     last = loc[-1] if loc else None
     if last is not None and (isinstance(last, int) or last in known or len(kept) == len(loc) - 1):
@@ -256,9 +287,12 @@ def _describe(ann: Any) -> str:
 
 
 def _hint_for(key: str) -> str:
-    field = Training.model_fields.get(key) or Spec.model_fields.get(key)
+    field = Training.model_fields.get(key) or Spec.model_fields.get(key) or Export.model_fields.get(key)
     if key == "dlm_version":
-        return "this file was written by a newer dlm: upgrade dlm (pip install -U dlm)"
+        return (
+            f"dlm reads version {SCHEMA_VERSION} and DocumentLanguageModel's {ORIGINAL_VERSIONS[0]} to "
+            f"{ORIGINAL_VERSIONS[-1]}: a newer file needs a newer dlm (pip install -U dlm)"
+        )
     if field is None:
         return "see docs/format.md"
     desc = f" ({field.description})" if field.description else ""
@@ -274,10 +308,14 @@ def parse_spec(
     positions = positions or {}
     if not isinstance(mapping, Mapping):
         raise DlmError("the frontmatter must be a mapping of keys", "start with `dlm_id: ...`", path, 1, 1)
+    written = mapping.get("export")  # DocumentLanguageModel's export names, for the messages
+    renamed = {
+        ("export", new): old for old, new in EXPORT_KEYS.items() if isinstance(written, Mapping) and old in written
+    }
+    mapping, positions, errors = translate(mapping, positions, path)
     try:
-        return Spec.model_validate(dict(mapping))
+        spec = Spec.model_validate(dict(mapping))
     except ValidationError as exc:
-        errors: list[DlmError] = []
         raw = [(_clean_loc(tuple(e["loc"])), e) for e in exc.errors()]
         # A union reports each member it tried; when one member got as far as a list item, that
         # item's error is the real one, and the key-level "not 'auto'" noise is dropped.
@@ -290,13 +328,16 @@ def parse_spec(
                 continue
             seen.add(loc)
             key = str(next((p for p in reversed(loc) if isinstance(p, str)), "frontmatter"))
+            key = renamed.get(loc, key)
             message, hint = _message(err, key)
             if err["type"] == "extra_forbidden":
                 hint = _suggest(key, loc)
             line, col = _locate(loc, positions)
             errors.append(DlmError(message, hint or None, path, line, col))
+    if errors:
         errors.sort(key=lambda e: (e.line or 0, e.col or 0))
         raise DlmErrors(errors) from None
+    return spec
 
 
 def json_schema() -> dict[str, Any]:
@@ -320,7 +361,32 @@ def new_id(now_ms: int | None = None) -> str:
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
+def check_doc(path: str | Path) -> tuple[Doc, Spec | None, list[DlmError]]:
+    """Read a document and validate its frontmatter, keeping every YAML, body and schema error."""
+    doc = read_doc(path, collect=True)
+    errors, spec = list(doc.problems), None
+    try:
+        doc = add_sources(doc)
+    except DlmError as exc:
+        errors.append(exc)
+    if doc.yaml_ok:
+        try:
+            spec = parse_spec(doc.frontmatter, doc.positions, doc.path)
+        except DlmError as exc:
+            errors += exc.errors if isinstance(exc, DlmErrors) else [exc]
+    return doc, spec, errors
+
+
+def raise_all(errors: list[DlmError]) -> None:
+    """Raise the errors of one document together, in file order (nothing when there are none)."""
+    if errors:
+        errors = sorted(errors, key=lambda e: (e.line or 0, e.col or 0))
+        raise errors[0] if len(errors) == 1 else DlmErrors(errors)
+
+
 def load_spec(path: str | Path) -> tuple[Doc, Spec]:
-    """Read a document (with its data files) and validate its frontmatter."""
-    doc = read_doc(path)
-    return doc, parse_spec(doc.frontmatter, doc.positions, doc.path)
+    """Read a document (with its data files) and validate its frontmatter; every error raised together."""
+    doc, spec, errors = check_doc(path)
+    raise_all(errors)
+    assert spec is not None
+    return doc, spec

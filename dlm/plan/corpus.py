@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from dlm.doc.grammar import Doc, Section
+from dlm.doc.grammar import Doc, Section, SourceRead
 
 ExampleKind = Literal["prose", "instruction", "preference"]
 # Prose is cut at headings and blank lines into pieces of about this many characters, independent
@@ -79,6 +79,8 @@ class CorpusStats:
     lengths: tuple[tuple[int, str], ...] = ()  # (tokens, "path:line") per example, training then held-out
     n_pinned: int = 0  # held-out examples from pinned `heldout` sections (then nothing else is held out)
     kept_whole: tuple[tuple[str, int], ...] = ()  # (kind, n): too few of that kind to hold any out
+    sources: tuple[tuple[str, int, int], ...] = ()  # `training.sources`: (path, files read, their tokens)
+    skipped: tuple[tuple[str, str, int], ...] = ()  # (source path, why, files): binary, not UTF-8, ...
 
     @property
     def mean_tokens(self) -> float:
@@ -235,6 +237,7 @@ def stats(
     eval_fraction: float = 0.0,
     counts: Mapping[str, int] | None = None,
     counted_with: str = "",
+    sources: tuple[SourceRead, ...] = (),
 ) -> CorpusStats:
     """The corpus's numbers. `counts` (example id -> tokens, from `dlm.plan.tokens`) makes them exact;
     `counted_with` names the base whose tokenizer counted, or says why they are estimated."""
@@ -255,4 +258,8 @@ def stats(
         lengths=tuple((tokens(e), e.where) for e in every),
         n_pinned=sum(e.pinned_heldout for e in heldout),
         kept_whole=kept_whole(every, eval_fraction),
+        sources=tuple(
+            (r.path, len(r.files), sum(tokens(e) for e in every if e.source in set(r.files))) for r in sources
+        ),
+        skipped=tuple((r.path, why, n) for r in sources for why, n in r.skipped),
     )

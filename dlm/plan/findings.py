@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dlm.doc.compat import ORIGINAL_VERSIONS, version_note
 from dlm.doc.schema import Spec
 from dlm.plan.bases import BaseFacts
 from dlm.plan.corpus import MIN_HELDOUT_SHARE, CorpusStats
@@ -476,6 +477,36 @@ def _run_infos(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusSta
             "are drawn), or keep eval_fraction above 0 (default 0.1) with enough examples of each kind",
             n_heldout=0,
             eval_fraction=t.eval_fraction,
+        )
+    if corpus.sources:
+        add(
+            "info",
+            "sources-read",
+            "training.sources: "
+            + "; ".join(f"{path}: {n} file(s), {tok} tokens" for path, n, tok in corpus.sources)
+            + f" ({corpus.counted})",
+            "narrow a source with include / exclude globs or max_files",
+            f"{sum(n for _, n, _ in corpus.sources)} files",
+            sources={path: {"files": n, "tokens": tok} for path, n, tok in corpus.sources},
+        )
+    if corpus.skipped:
+        add(
+            "info",
+            "sources-skipped",
+            "files skipped in training.sources: " + "; ".join(f"{path}: {n} {why}" for path, why, n in corpus.skipped),
+            "save text files as UTF-8 and raise max_bytes_per_file / max_files to read them; "
+            "exclude globs silence the files you never meant to read",
+            f"{sum(n for _, _, n in corpus.skipped)} skipped",
+            skipped=[{"source": path, "why": why, "files": n} for path, why, n in corpus.skipped],
+        )
+    if spec.dlm_version in ORIGINAL_VERSIONS:
+        add(
+            "info",
+            "original-format",
+            version_note(spec.dlm_version) + ": it uses only features dlm supports",
+            "`dlm migrate FILE` rewrites it in dlm's own format (comments kept, a .bak beside it)",
+            f"v{spec.dlm_version}",
+            dlm_version=spec.dlm_version,
         )
     if base.n_params < DEMO_MAX_PARAMS:
         add(

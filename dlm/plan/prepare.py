@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlm.doc.compat import HUB_PREFIX
 from dlm.doc.grammar import Doc
-from dlm.doc.schema import Spec, load_spec
+from dlm.doc.schema import Spec, check_doc, raise_all
 from dlm.errors import DlmError
 from dlm.plan import bases, corpus, tokens
 from dlm.plan.bases import BaseFacts
@@ -53,7 +54,20 @@ def prepare(
     base's own tokenizer, `dlm.plan.tokens`) when `base_folder` makes the base's folder (`dlm train`
     passes `dlm.train.basefolder.materialize`), or when `home` ($DLM_HOME) is given and the base's
     tokenizer is already on disk (`dlm doctor`); otherwise they are estimated and the plan says so."""
-    doc, spec = load_spec(path)
+    doc, checked, errors = check_doc(path)
+    base_name = checked.base_model if checked is not None else doc.frontmatter.get("base_model")
+    base: BaseFacts | None = None
+    if isinstance(base_name, str) and base_name:  # the base's error joins the document's others
+        try:
+            base = bases.resolve(base_name.removeprefix(HUB_PREFIX), Path(doc.path).parent)
+        except DlmError as exc:
+            if exc.line is None:  # point at the document's base_model key, not at nothing
+                line, col = doc.positions.get(("base_model",), (1, 1))
+                exc = DlmError(exc.message, exc.hint, doc.path, line, col)
+            errors.append(exc)
+    raise_all(errors)
+    assert checked is not None and base is not None
+    spec = checked
     if max_steps is not None:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"max_steps": max_steps})})
     if training_overrides:
@@ -61,19 +75,18 @@ def prepare(
 
         written = {**spec.training.model_dump(exclude_unset=True), **training_overrides}
         spec = spec.model_copy(update={"training": Training.model_validate(written)})
-    try:
-        base = bases.resolve(spec.base_model, Path(doc.path).parent)
-    except DlmError as exc:
-        if exc.line is None:  # point at the document's base_model key, not at nothing
-            line, col = doc.positions.get(("base_model",), (1, 1))
-            raise DlmError(exc.message, exc.hint, doc.path, line, col) from None
-        raise
     examples = corpus.examples(doc, spec.system_prompt)
     train, heldout = corpus.split(examples, spec.training.seed, spec.training.eval_fraction)
     _check_something_trains(doc, train, heldout)
     counts, why = None, "the base's tokenizer was not looked for"
     if base_folder is not None or home is not None:
-        folder = base_folder(base) if base_folder is not None else None
+        try:
+            folder = base_folder(base) if base_folder is not None else None
+        except DlmError as exc:  # a base not on disk (`dlm pull` names the way): at the base_model key
+            if exc.line is not None or exc.exit_code != 2:
+                raise
+            line, col = doc.positions.get(("base_model",), (1, 1))
+            raise DlmError(exc.message, exc.hint, doc.path, line, col) from None
         counts, why = tokens.count(base, train + heldout, home=home, folder=folder, cache_name=spec.dlm_id)
     stats = corpus.stats(
         train,
@@ -81,6 +94,7 @@ def prepare(
         eval_fraction=spec.training.eval_fraction,
         counts=counts,
         counted_with=base.name if counts is not None else why,
+        sources=doc.sources,
     )
     plan = make_plan(spec, hardware, base, stats, world_size=world_size, purpose=purpose, sharding=sharding)
     return Prepared(doc, spec, base, train, heldout, stats, hardware, plan)

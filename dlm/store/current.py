@@ -31,7 +31,9 @@ class Current:
 
 
 def doc_sha256(prepared: Prepared) -> str:
-    return hashlib.sha256(prepared.doc.text.encode("utf-8")).hexdigest()
+    # the document's text, plus its data files' and sources' paths and bytes when it has any (the
+    # same value as the text's own hash otherwise), so editing one of those files makes it stale
+    return prepared.doc.sha256
 
 
 def corpus_sha256(prepared: Prepared) -> str:

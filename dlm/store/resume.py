@@ -77,6 +77,8 @@ def run_shape(prepared: Prepared, base_folder: Path, cache: Path | None = None) 
             "model_type": base.model_type,
             "n_params": base.n_params,
             "files": base_files(base_folder, cache),
+            # the hub commit a Hugging Face cache snapshot was resolved to (`dlm pull`), else None
+            "revision": base_folder.name if base_folder.parent.name == "snapshots" else None,
         },
         "corpus_sha256": corpus_sha256(prepared),
         "decisions": keep({d.key: d.value for d in plan.decisions}),
