@@ -141,3 +141,23 @@ def test_an_interrupted_export_leaves_nothing(trained, tmp_path: Path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         exporting.export(cur, home, "ollama", out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_documents_export_block_sets_quant_and_sampling(workdir: Path, tmp_path: Path) -> None:
+    """`export:` (DocumentLanguageModel's block): its quant is the default `--quant`, refused before
+    anything loads when dlm cannot write it (a k-quant), and its sampling goes into the Modelfile."""
+    home = tmp_path / "home"
+    extra = "export:\n  quant: Q4_K_M\n  temperature: 0.7\n  top_p: 0.9\n"
+    doc = write_doc(workdir, "exported.dlm", steps=2, extra=extra)
+    dlm("train", doc.name, home=home, cwd=workdir)
+    out = tmp_path / "k"
+    proc = dlm("export", doc.name, "--format", "ollama", "-o", str(out), home=home, cwd=workdir, check=2)
+    line = 1 + doc.read_text().splitlines().index("  quant: Q4_K_M")
+    assert f"exported.dlm:{line}:" in proc.stderr and "export.quant Q4_K_M" in proc.stderr
+    assert "llama-quantize model.gguf model-Q4_K_M.gguf Q4_K_M" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+    out = tmp_path / "f32"
+    dlm("export", doc.name, "--format", "ollama", "--quant", "f32", "-o", str(out), home=home, cwd=workdir)
+    modelfile = (out / "Modelfile").read_text()
+    assert "PARAMETER temperature 0.7\n" in modelfile and "PARAMETER top_p 0.9\n" in modelfile
+    assert _card(out)["dlm"]["quant"] == "f32"

@@ -136,10 +136,13 @@ def end_of_turn_tokens(tokenizer: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*found, *([eos] if eos else [])]))
 
 
-def modelfile(tokenizer: Any, gguf_name: str, system_prompt: str | None, temperature: float = 0.0) -> str:
+def modelfile(
+    tokenizer: Any, gguf_name: str, system_prompt: str | None, temperature: float = 0.0, top_p: float | None = None
+) -> str:
     """Ollama's Modelfile for the exported GGUF: FROM, TEMPLATE (the training chat layout in Go
     template form), SYSTEM (the document's system prompt, else the template's own default),
-    PARAMETER stop for every end-of-turn token, PARAMETER temperature (0: greedy, as `dlm prompt`)."""
+    PARAMETER stop for every end-of-turn token, PARAMETER temperature (the document's
+    `export.temperature`, else 0: greedy, as `dlm prompt`) and top_p when the document gives one."""
     template = tokenizer.chat_template or ""
     if "<|im_start|>" not in template:
         raise DlmError(
@@ -153,6 +156,8 @@ def modelfile(tokenizer: Any, gguf_name: str, system_prompt: str | None, tempera
         lines += [f'SYSTEM """{system}"""', ""]
     lines += [f"PARAMETER stop {json.dumps(t)}" for t in end_of_turn_tokens(tokenizer)]
     lines.append(f"PARAMETER temperature {temperature:g}")
+    if top_p is not None:
+        lines.append(f"PARAMETER top_p {top_p:g}")
     return "\n".join(lines) + "\n"
 
 

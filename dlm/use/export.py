@@ -115,6 +115,31 @@ def card_facts(cur: Current) -> cards.CardFacts:
     )
 
 
+def document_quant(written: str | None, doc: Any = None) -> str | None:
+    """The document's `export.quant` (the original format's names, e.g. Q8_0) as a `--quant` value,
+    None when it wrote none. One that is not written in Python here (the k-quants) is refused, before
+    anything loads, with the two commands that make it: an f16 export, then llama.cpp's quantizer."""
+    if written is None:
+        return None
+    quant = written.lower()
+    if quant in GGUF_QUANTS:
+        return quant
+    raise DlmError(
+        f"export.quant {written} (the document's default) is not written here: dlm writes "
+        f"{', '.join(GGUF_QUANTS)} in Python",
+        f"pass --quant f16, then run llama.cpp's quantizer: llama-quantize model.gguf model-{written}.gguf {written}",
+        *_key_at(doc, ("export", "quant")),
+    )
+
+
+def _key_at(doc: Any, key: tuple[str, ...]) -> tuple[str | None, int | None, int | None]:
+    """(path, line, col) of a frontmatter key of `doc`, as far as known."""
+    if doc is None:
+        return None, None, None
+    line, col = doc.positions.get(key) or (None, None)
+    return doc.path, line, col
+
+
 def export(
     cur: Current, home: Path, fmt: str, out_dir: Path, *, quant: str | None = None, dtype: str | None = None
 ) -> Exported:
@@ -122,9 +147,9 @@ def export(
     check_options(fmt, quant, dtype)
     out_dir = Path(out_dir)
     refuse_non_empty(out_dir)
-    if fmt in ("gguf", "ollama"):
-        quant = quant or DEFAULT_QUANT
     spec = cur.prepared.spec
+    if fmt in ("gguf", "ollama"):
+        quant = quant or document_quant(spec.export.quant, cur.prepared.doc) or DEFAULT_QUANT
     before = export_findings(fmt, quant, cur.prepared.base.model_type, spec.training.adapter == "dora")
     blocked = [f for f in before if f.level == "block"]
     if blocked:
@@ -184,7 +209,10 @@ def export(
         files = [GGUF_NAME]
         extra = f"Run it: `llama-cli -m {GGUF_NAME} -cnv` (llama.cpp)."
         if fmt == "ollama":
-            (tmp / "Modelfile").write_text(cards.modelfile(tokenizer, GGUF_NAME, spec.system_prompt), "utf-8")
+            sampling = {"temperature": spec.export.temperature or 0.0, "top_p": spec.export.top_p}
+            (tmp / "Modelfile").write_text(
+                cards.modelfile(tokenizer, GGUF_NAME, spec.system_prompt, **sampling), "utf-8"
+            )
             files.append("Modelfile")
             ollama_line = f"ollama create {cards.ollama_name(facts.name)} -f {out_dir / 'Modelfile'}"
             name = cards.ollama_name(facts.name)
