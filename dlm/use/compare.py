@@ -11,14 +11,16 @@ user-facing account.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dlm.errors import DlmError, RunError
-from dlm.use.verdict import Comparison, Side, check_options, config_diff, decide, perplexity
+from dlm.use.verdict import Comparison, Side, Verdict, check_options, config_diff, decide, perplexity
 
 if TYPE_CHECKING:
+    from dlm.plan.corpus import Example
     from dlm.plan.hardware import HardwareFacts
     from dlm.plan.prepare import Prepared
     from dlm.store.current import Current
@@ -68,6 +70,8 @@ def side_from_version(role: str, path: str, folder: Path, scores: Mapping[str, A
         stale,
         read_log(folder),
         held_out_f1(folder),
+        held_out_exact(folder),
+        (spec.get("training") or {}).get("seed"),
     )
 
 
@@ -77,7 +81,43 @@ def held_out_f1(folder: Path, *, base: bool = False) -> float | None:
     return heldout.get("base_f1" if base else "f1") if heldout.get("n") else None
 
 
-def base_side(name: str, loss: float | None, answer_f1: float | None = None) -> Side:
+def held_out_exact(folder: Path, *, base: bool = False) -> float | None:
+    """The learning report's share of held-out answers that match exactly (adapter, or the base)."""
+    heldout = (read_json(folder, "metrics.json").get("learning") or {}).get("heldout") or {}
+    n = heldout.get("n")
+    exact = heldout.get("base_exact" if base else "exact")
+    return exact / n if n and isinstance(exact, (int, float)) else None
+
+
+def held_out_answers(folder: Path, ids: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The learning report's answers to held-out questions, by example id (`ids`: those held out)."""
+    answers = (read_json(folder, "metrics.json").get("learning") or {}).get("answers") or []
+    n = ((read_json(folder, "metrics.json").get("learning") or {}).get("heldout") or {}).get("n") or 0
+    tail = answers[len(answers) - n :] if n else []  # the report lists the training sample first
+    return {a["id"]: a for a in tail if "id" in a and (ids is None or a["id"] in ids)}
+
+
+def paired_figures(
+    metric: str, scores: Mapping[str, Any], folder_a: Path, folder_b: Path
+) -> tuple[list[float], list[float]] | None:
+    """A's and B's per-example figures for the bootstrap, paired by example; None when absent.
+
+    eval_loss / delta_kl: each scored example's summed loss / KL (from `infer.score_adapters`);
+    answer_f1 / exact_match: each held-out question both learning reports answered."""
+    if metric in ("eval_loss", "delta_kl"):
+        per = scores.get("per_example") or {}
+        key = "loss_sum" if metric == "eval_loss" else "kl_sum"
+        a, b = (per.get(key) or {}).get("A"), (per.get(key) or {}).get("B")
+        return (list(a), list(b)) if a is not None and b is not None and len(a) == len(b) else None
+    ans_a, ans_b = held_out_answers(folder_a), held_out_answers(folder_b)
+    ids = [i for i in ans_a if i in ans_b]
+    if not ids:
+        return None
+    field = "f1" if metric == "answer_f1" else "exact"
+    return [float(ans_a[i][field]) for i in ids], [float(ans_b[i][field]) for i in ids]
+
+
+def base_side(name: str, loss: float | None, answer_f1: float | None = None, exact_match: float | None = None) -> Side:
     return Side(
         "base",
         None,
@@ -94,6 +134,7 @@ def base_side(name: str, loss: float | None, answer_f1: float | None = None) -> 
         None,
         None,
         answer_f1=answer_f1,
+        exact_match=exact_match,
     )
 
 
@@ -124,8 +165,12 @@ def assemble(
     )
     if any(d.source == "hardware" for d in diff):
         notes = (*notes, "A and B were trained on different hardware: their cost ratios compare machines, not methods")
+    verdict = decide(metric, min_gain, a, b, paired_figures(metric, scores, folder_a, folder_b))
+    notes = (*notes, *resolution_notes(verdict))
     return Comparison(
-        base_side(base_name, scores["loss"]["base"], held_out_f1(folder_a, base=True)),
+        base_side(
+            base_name, scores["loss"]["base"], held_out_f1(folder_a, base=True), held_out_exact(folder_a, base=True)
+        ),
         a,
         b,
         int(scores["examples"]),
@@ -133,8 +178,22 @@ def assemble(
         docs[0]["summary"].get("corpus_sha256"),
         docs[1]["summary"].get("corpus_sha256"),
         diff,
-        decide(metric, min_gain, a, b),
+        verdict,
         tuple(notes),
+    )
+
+
+def resolution_notes(v: Verdict) -> tuple[str, ...]:
+    """What an inconclusive verdict would need: about how many held-out examples like these."""
+    if v.outcome != "inconclusive":
+        return ()
+    if v.gain_low is None:
+        return (f"no per-example {v.metric} figures to resample, so the gain has no interval",)
+    if v.examples_needed is None and v.gain is not None and math.isfinite(v.gain):
+        return (f"the observed gain sits on the {v.min_gain:.1%} min gain: no number of examples would separate them",)
+    return (
+        f"about {v.examples_needed} held-out examples like these (now {v.examples}) would put the interval of "
+        f"the observed gain {v.gain:+.2%} clear of the {v.min_gain:.1%} min gain",
     )
 
 
@@ -181,8 +240,9 @@ def compare(
     preps = _check_twins(paths, hw, allow_different_data)
     found, notes = _current_adapters(paths, preps, home, hw, train=train, on_train=on_train)
     cur_a, cur_b = found
-    notes += _check_trained_data(paths, cur_a, cur_b, allow_different_data)
-    scores = _score(cur_a, cur_b, home, batch_size=batch_size, device=device)
+    splits = trained_split(cur_a), trained_split(cur_b)
+    notes += _check_trained_data(paths, cur_a, cur_b, allow_different_data, splits)
+    scores = _score(cur_a, splits[0][1], cur_b, home, batch_size=batch_size, device=device)
     return assemble(
         cur_a.version_dir,
         cur_b.version_dir,
@@ -303,7 +363,11 @@ def _train_side(
 
 
 def _check_trained_data(
-    paths: tuple[str, str], cur_a: Current, cur_b: Current, allow_different_data: bool
+    paths: tuple[str, str],
+    cur_a: Current,
+    cur_b: Current,
+    allow_different_data: bool,
+    splits: tuple[tuple[tuple[Example, ...], tuple[Example, ...]], ...],
 ) -> list[str]:
     """DlmError when the versions trained on different corpora (unless allowed); else a note saying so."""
     from dlm.store import current
@@ -313,14 +377,36 @@ def _check_trained_data(
         return []
     if not allow_different_data:
         _refuse_different_data(paths[0], paths[1], *trained)
-    leaked = {e.id for e in cur_a.prepared.heldout} & {e.id for e in cur_b.prepared.train}
+    leaked = {e.id for e in splits[0][1]} & {e.id for e in splits[1][0]}
     return [
         f"A and B trained on different examples (--allow-different-data); {len(leaked)} of A's "
-        f"{len(cur_a.prepared.heldout)} held-out examples are in B's training set"
+        f"{len(splits[0][1])} held-out examples are in B's training set"
     ]
 
 
-def _score(cur_a: Current, cur_b: Current, home: Path, *, batch_size: int, device: str | None) -> dict[str, Any]:
+def trained_split(cur: Current) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    """(train, heldout) as the version was trained: the held-out ids its summary recorded, or, for a
+    version recorded before the split stopped following the training seed, that seed's draw
+    (`corpus.legacy_split` with the version's own spec), never today's rule applied after the fact."""
+    from dlm.plan import corpus
+
+    ordered = corpus.examples(cur.prepared.doc, cur.prepared.spec.system_prompt)  # source order, as prepare
+    recorded = (cur.summary.get("split") or {}).get("heldout")
+    if isinstance(recorded, list):
+        held = set(recorded)
+        heldout = tuple(e for e in ordered if e.id in held)
+        if heldout:
+            return tuple(e for e in ordered if e.id not in held), heldout
+        return cur.prepared.train, cur.prepared.heldout  # the document changed past every recorded id
+    training = read_json(cur.version_dir, "spec.json").get("training") or {}
+    seed = training.get("seed", cur.prepared.spec.training.seed)
+    fraction = training.get("eval_fraction", cur.prepared.spec.training.eval_fraction)
+    return corpus.legacy_split(ordered, int(seed), float(fraction))
+
+
+def _score(
+    cur_a: Current, heldout: tuple[Example, ...], cur_b: Current, home: Path, *, batch_size: int, device: str | None
+) -> dict[str, Any]:
     """`infer.score_adapters` on the base, A and B over A's held-out examples (the only heavy step)."""
     from dlm.train import basefolder
     from dlm.use import infer
@@ -329,7 +415,7 @@ def _score(cur_a: Current, cur_b: Current, home: Path, *, batch_size: int, devic
     return infer.score_adapters(
         basefolder.materialize(cur_a.prepared.base, home),
         {"A": cur_a.version_dir, "B": cur_b.version_dir},
-        cur_a.prepared.heldout,
+        heldout,
         max_length=plan_a.sft_kwargs.get("max_length"),
         batch_size=batch_size,
         trust_remote_code=cur_a.prepared.spec.trust_remote_code,
