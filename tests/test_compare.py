@@ -23,6 +23,7 @@ from dlm.use.verdict import (
     Comparison,
     Side,
     bootstrap_interval,
+    bootstrap_seeds_interval,
     check_options,
     config_diff,
     decide,
@@ -354,7 +355,12 @@ def check_shape(data: dict) -> None:
         "config_diff",
         "verdict",
         "notes",
+        "seeds",
     }
+    assert set(data["seeds"]) <= {"A", "B"}
+    for s in data["seeds"].values():
+        assert set(s) == {"seeds", "versions", "values", "mean", "sd"} and len(s["versions"]) == len(s["values"])
+        assert (s["sd"] is None) is (len(s["values"]) < 2 or s["mean"] is None)
     assert data["dlm_compare"] == 2 and data["metric"] in ("eval_loss", "delta_kl", "answer_f1", "exact_match")
     assert isinstance(data["min_gain"], float)
     assert set(data["heldout"]) == {"examples", "tokens", "from"} and data["heldout"]["from"] == "A"
@@ -478,6 +484,30 @@ def test_render_shows_rows_metrics_diff_and_verdict(comparison: Comparison) -> N
     assert "…" not in text  # nothing truncated
 
 
+def test_twin_check_accepts_every_outcome_and_refuses_a_mismatch(comparison: Comparison) -> None:
+    """bench/twin_check.py (make twin) checks structure, never who wins: each outcome passes; an outcome
+    that disagrees with b_pays, or an interval missing, does not."""
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("twin_check", REPO / "bench" / "twin_check.py")
+    assert spec_ is not None and spec_.loader is not None
+    twin_check = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(twin_check)
+    data = json.loads(json.dumps(comparison.to_json()))
+    data["sides"]["B"]["trainable_params"] = 1100  # DoRA's magnitudes
+    v = data["verdict"]
+    for outcome, pays in (("B pays", True), ("keep A", False), ("inconclusive", False)):
+        case = json.loads(json.dumps(data))
+        case["verdict"] |= {"outcome": outcome, "b_pays": pays, "keep": "B" if pays else "A"}
+        case["verdict"]["reason"] = v["reason"].replace("B pays", outcome)
+        twin_check.check_numbers(case)
+    for change in ({"b_pays": False, "keep": "A"}, {"gain_low": None}):
+        case = json.loads(json.dumps(data))
+        case["verdict"] |= change
+        with pytest.raises((AssertionError, TypeError)):
+            twin_check.check_numbers(case)
+
+
 def test_plot_writes_a_png(comparison: Comparison, tmp_path: Path) -> None:
     from dlm.cli.plot import comparison_png
 
@@ -514,7 +544,14 @@ def write_doc(path: Path, dlm_id: str, *, adapter: str = "lora", body: str = BOD
     return path
 
 
-def fake_train(path: Path, home: Path, heldout_f1: tuple[float, float] | None = None, *, legacy: bool = False) -> str:
+def fake_train(
+    path: Path,
+    home: Path,
+    heldout_f1: tuple[float, float] | None = None,
+    *,
+    legacy: bool = False,
+    seed: int | None = None,
+) -> str:
     """What runs.train_document leaves behind, without training: a committed version with its documents
     (`legacy`: as versions were recorded before the split record, drawn with the training seed)."""
     from dlm.plan import hardware
@@ -522,7 +559,7 @@ def fake_train(path: Path, home: Path, heldout_f1: tuple[float, float] | None = 
     from dlm.store import current
     from dlm.store.opening import open_store
 
-    prepared = prepare(path, hardware.probe_light())
+    prepared = prepare(path, hardware.probe_light(), training_overrides={"seed": seed} if seed is not None else None)
     store = open_store(home, prepared.spec.dlm_id, Path(prepared.doc.path), prepared.spec.base_model)
     staged = path.parent / f"staged-{prepared.spec.dlm_id}-{len(store.versions())}"
     staged.mkdir()
@@ -584,12 +621,15 @@ def no_torch_scoring(monkeypatch: pytest.MonkeyPatch) -> list:
     def score(base_folder, adapters, examples, **kw):
         calls.append((base_folder, dict(adapters), list(examples), kw))
         n = len(list(examples))
+        # each further seed ("A1", "B2", ...) scores 0.01 worse per index than the side's first
+        loss = {"base": SCORES["loss"]["base"]} | {k: SCORES["loss"][k[0]] + 0.01 * int(k[1:] or 0) for k in adapters}
+        kl = {k: SCORES["delta_kl"][k[0]] for k in adapters}
         per = {
             "tokens": [19] * n,
-            "loss_sum": {k: [v * 19] * n for k, v in SCORES["loss"].items()},
-            "kl_sum": {k: [v * 19] * n for k, v in SCORES["delta_kl"].items()},
+            "loss_sum": {k: [v * 19] * n for k, v in loss.items()},
+            "kl_sum": {k: [v * 19] * n for k, v in kl.items()},
         }
-        return {**SCORES, "examples": n, "per_example": per}
+        return {**SCORES, "loss": loss, "delta_kl": kl, "examples": n, "per_example": per}
 
     monkeypatch.setattr(basefolder, "materialize", lambda facts, home: Path("/nonexistent/base"))
     monkeypatch.setattr(infer, "score_adapters", score)
@@ -732,6 +772,64 @@ def test_compare_notes_a_stale_side_and_train_retrains_it(
     assert c.a.version == "v0001" and len(trained) == 1  # without --train nothing is retrained
     c = cmp.compare(a, b, home, train=True)
     assert [Path(p).name for p, _ in trained] == ["b.dlm", "a.dlm"] and c.a.version == "v0002" and not c.a.stale
+
+
+def test_seeds_trains_the_missing_seeds_scores_them_all_and_keeps_the_current_version(
+    home: Path, tmp_path: Path, no_torch_scoring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dlm.plan import hardware
+    from dlm.store.opening import open_store
+    from dlm.train import device, runs
+
+    a = write_doc(tmp_path / "a.dlm", ID_A, body=DRAWN)
+    b = write_doc(tmp_path / "b.dlm", ID_B, adapter="dora", body=DRAWN)
+    fake_train(a, home), fake_train(b, home)
+    with pytest.raises(DlmError, match="A has no version trained with seeds 43, 44") as info:
+        cmp.compare(a, b, home, seeds=3)
+    assert info.value.exit_code == 2 and "--train" in info.value.hint and "--seed 43" in info.value.hint
+    trained: list = []
+
+    def train(path, home_, hw, *, seed=None, **kw):
+        trained.append((Path(path).name, seed))
+        version = fake_train(Path(path), home_, seed=seed)
+        dlm_id = ID_A if Path(path).name == "a.dlm" else ID_B
+        return SimpleNamespace(version=version, store=open_store(home_, dlm_id, Path(path), "smollm2-135m"))
+
+    monkeypatch.setattr(device, "probe", hardware.probe_light)
+    monkeypatch.setattr(runs, "train_document", train)
+    c = cmp.compare(a, b, home, seeds=3, train=True)
+    assert trained == [("a.dlm", 43), ("a.dlm", 44), ("b.dlm", 43), ("b.dlm", 44)]
+    adapters = no_torch_scoring[-1][1]
+    assert set(adapters) == {"A", "A1", "A2", "B", "B1", "B2"} and adapters["A2"].name == "v0003"
+    data = c.to_json()
+    check_shape(data)
+    assert data["seeds"]["A"]["seeds"] == [42, 43, 44] and data["seeds"]["A"]["versions"] == ["v0001", "v0002", "v0003"]
+    assert data["seeds"]["A"]["values"] == pytest.approx([2.4, 2.41, 2.42]) and data["seeds"]["A"][
+        "sd"
+    ] == pytest.approx(0.01)
+    assert c.a.eval_loss == pytest.approx(2.41) and c.b.eval_loss == pytest.approx(2.21)  # the rows: seed means
+    assert c.verdict.gain == pytest.approx(0.2 / 2.41) and c.verdict.examples == c.heldout_examples
+    assert any(n.startswith("eval_loss over seeds: A 2.41 (sd 0.01, seeds 42, 43, 44)") for n in c.notes)
+    assert "trained A with seed 43" in c.notes
+    for dlm_id, doc in ((ID_A, a), (ID_B, b)):  # the document's own version stays current
+        assert open_store(home, dlm_id, doc, "smollm2-135m", readonly=True).current_version().name == "v0001"
+    again = cmp.compare(a, b, home, seeds=3)  # found in the stores now: nothing trained
+    assert len(trained) == 4 and again.to_json()["seeds"] == data["seeds"]
+    for bad in (0, 21):
+        with pytest.raises(DlmError, match="--seeds must be"):
+            cmp.compare(a, b, home, seeds=bad)
+
+
+def test_seed_spread_widens_the_interval() -> None:
+    base_a, base_b = noisy(40, 2.0, 0.08, 0.2, seed=2)
+    calm = bootstrap_seeds_interval("eval_loss", [base_a, base_a], [base_b, base_b])
+    # B's two seeds disagree by 10% on every example: the same means, a wider interval
+    shaky = bootstrap_seeds_interval(
+        "eval_loss", [base_a, base_a], [[x * 0.9 for x in base_b], [x * 1.1 for x in base_b]]
+    )
+    assert calm is not None and shaky is not None and shaky[1] - shaky[0] > 1.5 * (calm[1] - calm[0])
+    one = decide("eval_loss", 0.05, side("A", 2.0), side("B", 1.9), seeds=([base_a], [base_b]))
+    assert (one.gain_low, one.gain_high) == bootstrap_interval("eval_loss", base_a, base_b)
 
 
 def test_compare_stops_when_training_is_interrupted(
@@ -978,3 +1076,23 @@ def test_train_seed_adds_one_more_seed_without_editing_the_file(twins, tmp_path:
     assert summary["split"]["heldout"] == [e.id for e in prepare(a, hardware.probe_light()).heldout]
     proc = run_dlm("train", a.name, "--seed", "-1", home=home, cwd=folder, check=2)
     assert "--seed" in proc.stderr and len(manifest["runs"]) == 1
+
+
+@pytest.mark.integration
+def test_cli_seeds_trains_one_more_seed_per_side_and_judges_all_four(twins) -> None:
+    from dlm.store.opening import open_store
+
+    folder, home, a, b = twins
+    proc = run_dlm("compare", a.name, b.name, "--seeds", "2", "--train", "--json", home=home, cwd=folder)
+    data = json.loads(proc.stdout)
+    assert_all_finite(data)
+    for role, dlm_id in (("A", ID_A), ("B", ID_B)):
+        s = data["seeds"][role]
+        assert s["seeds"] == [42, 43] and s["versions"][0] == "v0001" and s["sd"] > 0, s
+        assert data["sides"][role]["eval_loss"] == pytest.approx(sum(s["values"]) / 2)
+        doc = a if role == "A" else b
+        store = open_store(home, dlm_id, doc, "./tiny", readonly=True)
+        assert store.current_version().name == "v0001"  # still the document's own seed
+    assert "trained A with seed 43" in data["notes"] and data["verdict"]["examples"] == data["heldout"]["examples"]
+    again = json.loads(run_dlm("compare", a.name, b.name, "--seeds", "2", "--json", home=home, cwd=folder).stdout)
+    assert again["seeds"] == data["seeds"] and not any(n.startswith("trained") for n in again["notes"])

@@ -496,6 +496,9 @@ def compare(
         bool,
         typer.Option("--allow-different-data", help="Compare twins whose corpora differ, on A's held-out examples."),
     ] = False,
+    seeds: Annotated[
+        int, typer.Option("--seeds", help="Judge N training seeds per side (seed, seed+1, ...; --train trains them).")
+    ] = 1,
 ) -> None:
     """Score the base, A and B on A's held-out examples and say whether B's gain pays for its cost."""
     from dlm.use import compare as comparing
@@ -518,6 +521,7 @@ def compare(
         train=train,
         on_train=on_train,
         allow_different_data=allow_different_data,
+        seeds=seeds,
     )
     render.as_json(out, result.to_json()) if json_out else render.comparison(out, result)
     if plot is not None:

@@ -145,6 +145,8 @@ class Comparison:
     differences: tuple[Difference, ...]
     verdict: Verdict
     notes: tuple[str, ...] = ()  # caveats worth reading next to the numbers
+    # per side: {"seeds", "versions", "values" (of the metric), "mean", "sd"} (compare's `seed_summary`)
+    seeds: dict[str, Any] | None = None
 
     @property
     def sides(self) -> tuple[Side, Side, Side]:
@@ -166,6 +168,10 @@ class Comparison:
             "config_diff": [asdict(d) for d in self.differences],
             "verdict": self.verdict.to_json(),
             "notes": list(self.notes),
+            "seeds": {
+                role: {k: (_finite(v) if not isinstance(v, list) else [_finite(x) for x in v]) for k, v in s.items()}
+                for role, s in (self.seeds or {}).items()
+            },
         }
 
 
@@ -291,6 +297,40 @@ def bootstrap_interval(
     return found[int(tail * (len(found) - 1))], found[math.ceil((1 - tail) * (len(found) - 1))]
 
 
+def bootstrap_seeds_interval(
+    metric: str,
+    a: Sequence[Sequence[float]],
+    b: Sequence[Sequence[float]],
+    *,
+    resamples: int = RESAMPLES,
+    level: float = INTERVAL_LEVEL,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float] | None:
+    """The interval when a side has several training seeds: `a[k][i]` is seed k's figure on example i.
+    Each resample draws the examples (as `bootstrap_interval`) and, on each side, as many seeds as it
+    has, with replacement; a side's figure for an example is the mean over the drawn seeds. The
+    seed-to-seed spread thus widens the interval as the example spread does."""
+    if not a or not b:
+        return None
+    n = len(a[0])
+    if n < 2 or any(len(run) != n for run in (*a, *b)):
+        return None
+    rng = random.Random(seed)
+    gains = []
+    for _ in range(resamples):
+        pick = [rng.randrange(n) for _ in range(n)]
+        seeds_a = [a[rng.randrange(len(a))] for _ in a]
+        seeds_b = [b[rng.randrange(len(b))] for _ in b]
+        total_a = sum(run[i] for run in seeds_a for i in pick) / len(seeds_a)
+        total_b = sum(run[i] for run in seeds_b for i in pick) / len(seeds_b)
+        gains.append(relative_gain(metric, total_a, total_b))
+    found = sorted(g for g in gains if g is not None and not math.isnan(g))
+    if not found:
+        return None
+    tail = (1 - level) / 2
+    return found[int(tail * (len(found) - 1))], found[math.ceil((1 - tail) * (len(found) - 1))]
+
+
 def examples_needed(gain: float | None, low: float | None, high: float | None, min_gain: float, n: int) -> int | None:
     """About how many held-out examples (like these) would put the interval of the observed gain clear
     of min_gain: the interval's half-width shrinks as 1 / sqrt(examples), so n x (half-width / |gain -
@@ -304,13 +344,27 @@ def examples_needed(gain: float | None, low: float | None, high: float | None, m
 
 
 def decide(
-    metric: str, min_gain: float, a: Side, b: Side, paired: tuple[Sequence[float], Sequence[float]] | None = None
+    metric: str,
+    min_gain: float,
+    a: Side,
+    b: Side,
+    paired: tuple[Sequence[float], Sequence[float]] | None = None,
+    *,
+    seeds: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]]] | None = None,
 ) -> Verdict:
     """The verdict rule (module docstring). Pure; `check_options` has vetted the arguments. `paired`
-    holds A's and B's per-example figures for the bootstrap (None: no interval, so never `B pays`)."""
+    holds A's and B's per-example figures for the bootstrap (None: no interval, so never `B pays`);
+    `seeds` the same per training seed of each side (one seed each: the same as `paired`)."""
+    if seeds is not None and len(seeds[0]) == 1 and len(seeds[1]) == 1:
+        paired, seeds = (seeds[0][0], seeds[1][0]), None
     av, bv = getattr(a, metric), getattr(b, metric)
     gain = relative_gain(metric, av, bv)
-    interval = bootstrap_interval(metric, *paired) if paired is not None and gain is not None else None
+    interval = None
+    if gain is not None and seeds is not None:
+        interval = bootstrap_seeds_interval(metric, *seeds)
+        paired = (seeds[0][0], seeds[1][0])  # for the example count
+    elif gain is not None and paired is not None:
+        interval = bootstrap_interval(metric, *paired)
     low, high = interval or (None, None)
     if gain is None:
         outcome = "keep A"
