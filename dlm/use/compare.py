@@ -92,20 +92,12 @@ def held_out_exact(folder: Path, *, base: bool = False) -> float | None:
     return exact / n if n and isinstance(exact, (int, float)) else None
 
 
-def held_out_answers(folder: Path, ids: set[str] | None = None) -> dict[str, dict[str, Any]]:
-    """The learning report's answers to held-out questions, by example id (`ids`: those held out)."""
-    answers = (read_json(folder, "metrics.json").get("learning") or {}).get("answers") or []
-    n = ((read_json(folder, "metrics.json").get("learning") or {}).get("heldout") or {}).get("n") or 0
+def held_out_answers(folder: Path) -> dict[str, dict[str, Any]]:
+    """The learning report's answers to held-out questions, by example id."""
+    learning = read_json(folder, "metrics.json").get("learning") or {}
+    answers, n = learning.get("answers") or [], (learning.get("heldout") or {}).get("n") or 0
     tail = answers[len(answers) - n :] if n else []  # the report lists the training sample first
-    return {a["id"]: a for a in tail if "id" in a and (ids is None or a["id"] in ids)}
-
-
-def paired_figures(
-    metric: str, scores: Mapping[str, Any], folder_a: Path, folder_b: Path
-) -> tuple[list[float], list[float]] | None:
-    """A's and B's per-example figures for the bootstrap, paired by example; None when absent."""
-    runs = run_figures(metric, scores, [("A", folder_a)], [("B", folder_b)])
-    return (runs[0][0], runs[1][0]) if runs is not None else None
+    return {a["id"]: a for a in tail if "id" in a}
 
 
 def run_figures(
