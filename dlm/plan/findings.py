@@ -43,8 +43,8 @@ GIB = 2**30
 # `heldout-too-small`: `dlm compare` resolves its default --min-gain of 5% only when the half-width of
 # its 95% bootstrap interval is under 5%. The interval's half-width is about 1.96 x s / sqrt(n), with s
 # the standard deviation across held-out examples of the paired per-example gain (A's summed loss
-# minus B's, over A's mean). s = EXAMPLE_SPREAD was measured on the shipped LoRA/DoRA twins
-# (docs/compare.md, "How many held-out examples"), so n >= (1.96 x s / 0.05)^2.
+# minus B's, over A's mean). EXAMPLE_SPREAD is a conservative assumed s, to be replaced by one measured
+# on the shipped LoRA/DoRA twins (docs/compare.md, "How many held-out examples"); n >= (1.96 x s / 0.05)^2.
 COMPARE_MIN_GAIN = 0.05  # the default of `dlm compare --min-gain` (a test keeps them equal)
 EXAMPLE_SPREAD = 0.15
 HELDOUT_FOR_MIN_GAIN = math.ceil((1.959964 * EXAMPLE_SPREAD / COMPARE_MIN_GAIN) ** 2)
@@ -480,7 +480,7 @@ def _run_infos(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusSta
             "heldout-too-small",
             f"{corpus.n_heldout} held-out example{'s' if corpus.n_heldout > 1 else ''}: too few for `dlm compare` "
             f"to resolve its default {COMPARE_MIN_GAIN:.0%} min gain (about {HELDOUT_FOR_MIN_GAIN} are needed at "
-            f"the per-example spread measured on the shipped twins), so twins will mostly come out inconclusive",
+            f"a per-example spread of {EXAMPLE_SPREAD:g}, docs/compare.md), so twins will mostly come out inconclusive",
             "pin more examples to judge on with `::instruction heldout::` (they never train), raise eval_fraction, "
             "or add examples",
             n_heldout=corpus.n_heldout,
