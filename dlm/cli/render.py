@@ -320,7 +320,8 @@ def comparison(console: Console, comp: Any) -> None:
         collapse_padding=True,
     )
     f1 = any(s.answer_f1 is not None for s in comp.sides)  # a column only when a learning report has it
-    cols = ("side", "loss", "ppl", "delta_kl", *(("F1", "exact") if f1 else ()), "s/step", "train", "peak mem")
+    # exact match is in the JSON only: a twelfth column would not fit 80 columns
+    cols = ("side", "loss", "ppl", "delta_kl", *(("F1",) if f1 else ()), "s/step", "train", "peak mem")
     for col in (*cols, "trainable", "size"):
         table.add_column(col, justify="left" if col == "side" else "right", no_wrap=True)
     for s in comp.sides:
@@ -330,7 +331,7 @@ def comparison(console: Console, comp: Any) -> None:
             num(s.eval_loss, ".4f"),
             ppl,
             num(s.delta_kl, ".3g"),
-            *((num(s.answer_f1, ".2f"), num(s.exact_match, ".2f")) if f1 else ()),
+            *((num(s.answer_f1, ".2f"),) if f1 else ()),
             num(s.steady_step_seconds, ".3f"),
             duration(s.train_seconds) if s.train_seconds is not None else "-",
             gib(s.peak_memory_bytes) if s.peak_memory_bytes else "-",
