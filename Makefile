@@ -61,7 +61,8 @@ demo: setup
 
 # The twin comparison CI runs: LoRA and DoRA twins trained on the embedded base (each in its own
 # process, so peak memory is each run's own), then compared; the report's shape and numbers are
-# checked, never which side wins. About 3-4 minutes on 2 CPU cores.
+# checked (every verdict outcome passes), never which side wins. About 4.5-6 minutes on 2 quiet CPU cores (estimated):
+# the 32 pinned held-out questions cost evaluation and answer-report time (docs/compare.md).
 TWIN_OUT := $(DLM_HOME)/twin
 twin: setup
 	mkdir -p $(TWIN_OUT)

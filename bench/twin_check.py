@@ -35,6 +35,11 @@ def check_numbers(data: dict) -> None:
     assert keys == {"training.adapter"}, f"the twins should differ only in training.adapter, not {keys}"
     v = data["verdict"]
     assert v["keep"] == ("B" if v["b_pays"] else "A")
+    assert v["outcome"] in ("B pays", "keep A", "inconclusive") and v["b_pays"] is (v["outcome"] == "B pays")
+    # every outcome is acceptable here; what must hold is that it has an interval from every example
+    assert v["gain_low"] is not None and v["gain_low"] <= v["gain_high"], v
+    assert v["examples"] == data["heldout"]["examples"] and v["resamples"] >= 1000 and 0 < v["level"] < 1
+    assert v["outcome"] in v["reason"] and f"{v['gain_low']:+.2%}" in v["reason"]
     assert v["step_time_ratio"] > 0 and v["memory_ratio"] > 0
     assert data["data"]["same"] is True
 
@@ -48,7 +53,8 @@ def main(argv: list[str]) -> int:
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, "the plot is not a real PNG"
     v = data["verdict"]
     print(
-        f"twin report ok: keep {v['keep']} (gain {v['gain']}, step time x{v['step_time_ratio']:.2f}, "
+        f"twin report ok: {v['outcome']} (gain {v['gain']:+.4f}, {v['level']:.0%} interval {v['gain_low']:+.4f} to "
+        f"{v['gain_high']:+.4f} over {v['examples']} examples; step time x{v['step_time_ratio']:.2f}, "
         f"memory x{v['memory_ratio']:.2f})"
     )
     return 0

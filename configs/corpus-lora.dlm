@@ -12,10 +12,10 @@ training:
   lora_dropout: 0.0         # 0 keeps DoRA on PEFT's fast path (base output reused)
   target_modules: auto      # q_proj, k_proj, v_proj, o_proj
   learning_rate: 2.0e-4
-  num_epochs: 7             # 19 training rows / effective batch 8 = 3 steps an epoch -> 21 steps
+  num_epochs: 7             # 21 training rows / effective batch 8 = 3 steps an epoch -> 21 steps
   sequence_len: 256         # the longest row is ~110 tokens
-  eval_fraction: 0.15       # ~4 held-out rows, chosen by hash: identical in both twins
-  seed: 42                  # same seed in both twins: same split, same data order
+  eval_fraction: 0.15       # unused here: the pinned `heldout` section below is the held-out set (32 Q/A)
+  seed: 42                  # same seed in both twins: same data order (the split never depends on it)
 ---
 # The ferries of Lake Orvane
 
@@ -135,3 +135,164 @@ Twelve cars and two hundred passengers.
 How many boats did the company run in 1902?
 ### A
 Six boats.
+
+::instruction heldout::
+### Q
+In what year did ferries start running on Lake Orvane?
+### A
+In 1871.
+
+### Q
+What was the name of the first ferry on the lake?
+### A
+The *Heron*, a twelve-seat steam launch.
+
+### Q
+How many seats did the *Heron* have?
+### A
+Twelve seats.
+
+### Q
+Between which places did the *Heron* first cross?
+### A
+From Calden to the island village of Pell.
+
+### Q
+How many times a day did the *Heron* cross at first?
+### A
+Twice a day.
+
+### Q
+Who built the *Heron*?
+### A
+The boatwright Mirela Tosk.
+
+### Q
+How many boats did the Orvane Ferry Company have by 1902?
+### A
+Six boats.
+
+### Q
+Why did the company move its yard to Brask?
+### A
+Because the water there stays deep enough in late summer for the larger hulls.
+
+### Q
+On which shore of the lake is Brask?
+### A
+On the northern shore.
+
+### Q
+What are the company's boats named after?
+### A
+Birds.
+
+### Q
+When was the *Grebe* built?
+### A
+In 1938.
+
+### Q
+How many passengers does the *Grebe* carry?
+### A
+Forty passengers, and no vehicles.
+
+### Q
+Can the *Grebe* carry cars?
+### A
+No, the *Grebe* carries no vehicles.
+
+### Q
+Which is the largest boat in the fleet?
+### A
+The *Osprey*, launched in 1994.
+
+### Q
+When was the *Osprey* launched?
+### A
+In 1994.
+
+### Q
+How many passengers does the *Osprey* carry?
+### A
+Two hundred passengers and twelve cars.
+
+### Q
+What is the first summer departure from Calden?
+### A
+Seven in the morning.
+
+### Q
+What is the last summer departure from Calden?
+### A
+Nine at night.
+
+### Q
+How many crossings a day run in winter?
+### A
+Four crossings a day.
+
+### Q
+When does the winter service stop?
+### A
+When the lake freezes past the Pell breakwater.
+
+### Q
+How long does it take to get from Calden to Brask?
+### A
+An hour and ten minutes.
+
+### Q
+Does the Brask boat stop at Pell?
+### A
+Yes, on request.
+
+### Q
+What does a child under twelve pay?
+### A
+Nothing, when travelling with an adult.
+
+### Q
+What is the fare for a car?
+### A
+Eighteen orvs each way.
+
+### Q
+On which boat are bicycles not allowed?
+### A
+The *Grebe*, which has no deck space for them.
+
+### Q
+What do bicycles pay on the ferries?
+### A
+Nothing; they ride free on every boat except the *Grebe*.
+
+### Q
+When is the Lantern Crossing held?
+### A
+On the first Sunday of June.
+
+### Q
+Where does the fleet sail for the Lantern Crossing?
+### A
+To Pell.
+
+### Q
+What do passengers do during the Lantern Crossing?
+### A
+They float paper lanterns from the stern.
+
+### Q
+In what year did the Lantern Crossing begin?
+### A
+In 1921.
+
+### Q
+Which boat sank in the storm of 1921?
+### A
+The *Kestrel*.
+
+### Q
+Was anyone lost when the *Kestrel* sank?
+### A
+No, there was no loss of life.

@@ -24,6 +24,7 @@ from dlm.plan import bases
 from dlm.plan import corpus as corpus_split
 from dlm.plan.corpus import CorpusStats
 from dlm.plan.estimates import memory_budget
+from dlm.plan.findings import COMPARE_MIN_GAIN, EXAMPLE_SPREAD, HELDOUT_FOR_MIN_GAIN
 from dlm.plan.hardware import HardwareFacts, load_fixture
 from dlm.plan.planner import Plan, make_plan
 from dlm.plan.prepare import prepare
@@ -178,6 +179,12 @@ FINDING_CASES: list[tuple[str, dict, dict]] = [
     ),
     ("few-steps", dict(max_steps=19), dict(max_steps=20)),
     ("no-heldout", dict(stats=corpus(n_heldout=0)), dict(stats=corpus(n_heldout=1))),
+    (  # one example short of what resolves the default min gain, and exactly enough
+        "heldout-too-small",
+        dict(stats=corpus(n_heldout=HELDOUT_FOR_MIN_GAIN - 1)),
+        dict(stats=corpus(n_heldout=HELDOUT_FOR_MIN_GAIN)),
+    ),
+    ("heldout-too-small", dict(stats=corpus(n_heldout=1)), dict(stats=corpus(n_heldout=0))),  # then: no-heldout
     (
         "heldout-too-few",
         dict(stats=corpus(n_heldout=0, kept_whole=(("instruction", 1),))),
@@ -257,6 +264,7 @@ LEVELS = {
     "few-steps": "warn",
     "no-heldout": "info",
     "heldout-too-few": "info",
+    "heldout-too-small": "info",
     "examples-truncated": "warn",
     "base-demo-only": "info",
     "trust-remote-code": "warn",
@@ -332,6 +340,21 @@ def test_every_documented_code_has_a_case() -> None:
     doctor = (Path(__file__).resolve().parent.parent / "docs" / "doctor.md").read_text()
     for code in LEVELS:
         assert f"`{code}`" in doctor, f"{code} is not documented in docs/doctor.md"
+
+
+def test_heldout_too_small_rule_and_compare_default_agree() -> None:
+    """The finding's threshold is the examples at which a 95% interval of half-width 1.96 s / sqrt(n)
+    is narrower than compare's default min gain; the two defaults must stay one number."""
+    import inspect as ins
+
+    from dlm.use import compare
+
+    assert ins.signature(compare.compare).parameters["min_gain"].default == COMPARE_MIN_GAIN
+    n = HELDOUT_FOR_MIN_GAIN
+    assert 1.959964 * EXAMPLE_SPREAD / n**0.5 <= COMPARE_MIN_GAIN < 1.959964 * EXAMPLE_SPREAD / (n - 1) ** 0.5
+    f = next(f for f in plan(stats=corpus(n_heldout=2)).findings if f.code == "heldout-too-small")
+    assert f.evidence == {"n_heldout": 2, "needed": n, "example_spread": EXAMPLE_SPREAD, "min_gain": 0.05}
+    assert f"about {n} are needed" in f.message and "::instruction heldout::" in f.hint
 
 
 def test_evidence_numbers() -> None:
@@ -425,6 +448,43 @@ def test_the_split_is_deterministic_per_seed_and_id() -> None:
     # adding prose changes nothing about which Q/A pairs are held out
     more = examples(qa(40) + "::prose::\n" + "\n\n".join(f"Piece {i}." + " x" * 800 for i in range(6)) + "\n")
     assert [e.id for e in corpus_split.split(more, 7, 0.1)[1] if e.kind == "instruction"] == [e.id for e in a[1]]
+
+
+def test_the_heldout_draw_follows_the_examples_not_the_training_seed(tmp_path: Path) -> None:
+    """Twins that differ only in `seed` hold out the same examples; `split_seed` is the one knob that
+    draws another set; the draw versions used to make (salted with the training seed) is reproducible."""
+    import hashlib
+
+    body = qa(40)
+
+    def held(training: str) -> list[str]:
+        path = tmp_path / "s.dlm"
+        path.write_text(f"---\ndlm_id: {ID}\ntraining:\n{training}---\n{body}")
+        return [e.id for e in prepare(path, hw("cpu")).heldout]
+
+    by_seed = [held(f"  seed: {s}\n") for s in (1, 2, 42, 1234)]
+    assert all(h == by_seed[0] for h in by_seed) and len(by_seed[0]) >= 2
+    assert held("  seed: 7\n  split_seed: 3\n") != by_seed[0]
+    assert held("  seed: 9\n  split_seed: 3\n") == held("  seed: 7\n  split_seed: 3\n")
+    exs = examples(body)
+
+    def old_unit(seed: int, ex_id: str) -> float:  # the rule before the split record, written out
+        return int.from_bytes(hashlib.sha256(f"{seed}:{ex_id}".encode()).digest()[:8], "big") / 2**64
+
+    for seed in (1, 42):
+        want = sorted(e.id for e in exs if old_unit(seed, e.id) < 0.1)
+        assert sorted(e.id for e in corpus_split.legacy_split(exs, seed, 0.1)[1]) == want
+    assert [e.id for e in corpus_split.legacy_split(exs, 1, 0.1)[1]] != [
+        e.id for e in corpus_split.legacy_split(exs, 2, 0.1)[1]
+    ]
+
+
+def test_split_seed_is_validated(tmp_path: Path) -> None:
+    path = tmp_path / "s.dlm"
+    path.write_text(f"---\ndlm_id: {ID}\ntraining:\n  split_seed: -1\n---\n{qa(10)}")
+    with pytest.raises(DlmError) as err:
+        prepare(path, hw("cpu"))
+    assert err.value.exit_code == 2 and "split_seed" in err.value.message
 
 
 def _write(tmp_path: Path, body: str) -> Path:

@@ -266,6 +266,12 @@ def train(
         bool, typer.Option("--resume", help="Continue the interrupted run from its last checkpoint.")
     ] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over, leaving an interrupted run behind.")] = False,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed", min=0, max=2**32 - 1, help="Train with this seed instead of training.seed (one more seed)."
+        ),
+    ] = None,
 ) -> None:
     """Plan, print the plan, train with TRL, and save a new version of the adapter."""
     from dlm.train import device, runs
@@ -289,6 +295,7 @@ def train(
             max_steps=max_steps,
             resume=resume,
             fresh=fresh,
+            seed=seed,
             on_plan=on_plan,
             on_step=lambda *a: live.on_step(*a) if live.on_step else None,
             on_event=lambda kind, data: live.on_event(kind, data) if live.on_event else None,
@@ -509,11 +516,16 @@ def compare(
         str,
         typer.Option(
             "--metric",
-            help="eval_loss (lower is better) | delta_kl | answer_f1 (the learning report's held-out answer F1; higher is better).",
+            help="eval_loss (lower is better) | delta_kl | answer_f1 | exact_match (the learning report's held-out answers; higher is better).",
         ),
     ] = "eval_loss",
     min_gain: Annotated[float, typer.Option("--min-gain", help="B must beat A by this fraction (0.05 = 5%).")] = 0.05,
-    gate: Annotated[bool, typer.Option("--gate", help="Exit 1 when B does not pay (for CI).")] = False,
+    gate: Annotated[
+        bool, typer.Option("--gate", help="Exit 1 on `keep A`, and on `inconclusive` unless --inconclusive pass (CI).")
+    ] = False,
+    inconclusive: Annotated[
+        str, typer.Option("--inconclusive", help="What --gate does with an inconclusive verdict: fail | pass.")
+    ] = "fail",
     json_out: Annotated[bool, typer.Option("--json", help="Stable JSON (docs/compare.md) instead of tables.")] = False,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Also draw loss curves and metric/cost bars into this PNG.")
@@ -525,10 +537,15 @@ def compare(
         bool,
         typer.Option("--allow-different-data", help="Compare twins whose corpora differ, on A's held-out examples."),
     ] = False,
+    seeds: Annotated[
+        int, typer.Option("--seeds", help="Judge N training seeds per side (seed, seed+1, ...; --train trains them).")
+    ] = 1,
 ) -> None:
     """Score the base, A and B on A's held-out examples and say whether B's gain pays for its cost."""
     from dlm.use import compare as comparing
 
+    if inconclusive not in ("fail", "pass"):
+        raise DlmError(f"--inconclusive must be fail or pass (got {inconclusive!r})", "--gate --inconclusive pass")
     if plot is not None and plot.suffix.lower() != ".png":
         raise DlmError(f"--plot writes a PNG file (got {plot})", "for example: --plot compare.png")
 
@@ -545,6 +562,7 @@ def compare(
         train=train,
         on_train=on_train,
         allow_different_data=allow_different_data,
+        seeds=seeds,
     )
     render.as_json(out, result.to_json()) if json_out else render.comparison(out, result)
     if plot is not None:
@@ -552,7 +570,10 @@ def compare(
 
         comparison_png(result, plot)
         err.print(f"plot: {escape(str(plot))}", highlight=False) if State.verbosity >= 0 else None
-    raise typer.Exit(1 if gate and not result.verdict.b_pays else 0)
+    outcome = result.verdict.outcome
+    raise typer.Exit(
+        1 if gate and (outcome == "keep A" or (outcome == "inconclusive" and inconclusive == "fail")) else 0
+    )
 
 
 # typer >= 0.29 vendors click; find its exception base through a public class either way.

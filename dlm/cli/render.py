@@ -296,6 +296,8 @@ def comparison(console: Console, comp: Any) -> None:
     """`dlm compare`: base / A / B with every metric, the config differences, notes, the verdict line."""
     from rich import box
 
+    from dlm.use.verdict import pct
+
     v = comp.verdict
 
     def num(x: Any, fmt: str) -> str:
@@ -318,7 +320,8 @@ def comparison(console: Console, comp: Any) -> None:
         collapse_padding=True,
     )
     f1 = any(s.answer_f1 is not None for s in comp.sides)  # a column only when a learning report has it
-    cols = ("side", "loss", "ppl", "delta_kl", *(("answer F1",) if f1 else ()), "s/step", "train", "peak mem")
+    # exact match is in the JSON only: a twelfth column would not fit 80 columns
+    cols = ("side", "loss", "ppl", "delta_kl", *(("F1",) if f1 else ()), "s/step", "train", "peak mem")
     for col in (*cols, "trainable", "size"):
         table.add_column(col, justify="left" if col == "side" else "right", no_wrap=True)
     for s in comp.sides:
@@ -344,6 +347,12 @@ def comparison(console: Console, comp: Any) -> None:
         ("adapter bytes", v.adapter_bytes_ratio),
     ]
     console.print("B / A: " + ", ".join(f"{label} x{num(r, '.2f')}" for label, r in ratios), highlight=False)
+    if v.gain_low is not None and v.gain_high is not None:
+        console.print(
+            f"gain on {v.metric}: {pct(v.gain)}, {v.level:.0%} interval {pct(v.gain_low)} to {pct(v.gain_high)} "
+            f"(paired bootstrap, {v.resamples} resamples of {v.examples} examples); min gain {v.min_gain:.1%}",
+            highlight=False,
+        )
     if comp.differences:
         diff = Table(
             title="configuration differences (dlm_id aside)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
@@ -359,7 +368,7 @@ def comparison(console: Console, comp: Any) -> None:
         console.print("configuration differences: none (dlm_id aside)", highlight=False)
     for note in comp.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    style = "bold green" if v.b_pays else "bold"
+    style = {"B pays": "bold green", "keep A": "bold", "inconclusive": "bold yellow"}.get(v.outcome, "bold")
     console.print(f"[{style}]verdict:[/] {escape(v.reason)}", highlight=False, soft_wrap=True)
 
 

@@ -104,6 +104,11 @@ class Training(_Frozen):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = Field(42, ge=0, lt=2**32)
+    # The held-out draw is a hash of each example's content salted with this, never with `seed`:
+    # documents that differ only in `seed` share their held-out set (docs/compare.md).
+    split_seed: int | None = Field(
+        None, ge=0, lt=2**32, description="salt of the held-out draw (not the training seed)"
+    )
     eval_fraction: float = Field(0.1, ge=0, le=0.9, description="0 disables the held-out set")
     eval_steps: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)

@@ -1,8 +1,10 @@
 """Sections -> examples -> the deterministic held-out split and the corpus's numbers. Pure text work.
 
 Each example's id is a hash of its kind and text, and whether it is held out is a function of
-(seed, id) and of how many examples of its kind there are, so adding examples rarely reshuffles the
-existing ones. Token counts come from outside (`dlm.plan.tokens`, with the base's tokenizer); without
+(id, `training.split_seed`) and of how many examples of its kind there are, never of the training
+`seed`: twins that differ only in their seed hold out the same examples, and adding examples rarely
+reshuffles the existing ones. Versions trained before issue 15 drew the split from the training seed;
+`legacy_split` reproduces that draw for them (docs/compare.md, "The held-out set"). Token counts come from outside (`dlm.plan.tokens`, with the base's tokenizer); without
 them each example's length is estimated from its characters.
 """
 
@@ -184,9 +186,14 @@ def examples(doc: Doc, system_prompt: str | None = None) -> tuple[Example, ...]:
     return tuple(out)
 
 
-def _unit(seed: int, ex_id: str) -> float:
-    digest = hashlib.sha256(f"{seed}:{ex_id}".encode()).digest()
+def _unit(key: str, ex_id: str) -> float:
+    digest = hashlib.sha256(f"{key}:{ex_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_key(split_seed: int | None) -> str:
+    """The salt of the content hash that draws the held-out set: fixed unless `training.split_seed`."""
+    return "heldout" if split_seed is None else f"heldout/{split_seed}"
 
 
 def _holds_out(n: int, eval_fraction: float) -> bool:
@@ -206,16 +213,30 @@ def kept_whole(exs: tuple[Example, ...], eval_fraction: float) -> tuple[tuple[st
     return tuple((k, n) for k, n in counts.items() if not _holds_out(n, eval_fraction))
 
 
-def split(exs: tuple[Example, ...], seed: int, eval_fraction: float) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
-    """(train, heldout), in source order.
+def split(
+    exs: tuple[Example, ...], split_seed: int | None, eval_fraction: float
+) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    """(train, heldout), in source order; `split_seed` is `training.split_seed` (None: the default draw).
 
     - Pinned sections (`::instruction heldout::`, `"heldout": true`) are the held-out set when there
       are any: nothing else is drawn, as trainers do when given an explicit validation set.
     - Otherwise each kind (prose, instruction, preference) is split on its own, so no kind is left
-      with nothing to train on: an example is held out when its (seed, id) hash falls below
+      with nothing to train on: an example is held out when its (split_seed, id) hash falls below
       `eval_fraction`; a kind whose share comes to half an example or more holds out at least one
       (the lowest hash) and never all (the highest stays); a kind with fewer examples holds none out
       (`kept_whole`, the `heldout-too-few` finding)."""
+    return _split(exs, split_key(split_seed), eval_fraction)
+
+
+def legacy_split(
+    exs: tuple[Example, ...], training_seed: int, eval_fraction: float
+) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    """The split versions recorded without a `split` entry were trained on: the same rule, salted
+    with the training seed. Only for reading such versions back (`dlm compare`), never for training."""
+    return _split(exs, str(training_seed), eval_fraction)
+
+
+def _split(exs: tuple[Example, ...], key: str, eval_fraction: float) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
     if any(e.pinned_heldout for e in exs):
         held = {e.id for e in exs if e.pinned_heldout}
     else:
@@ -224,8 +245,8 @@ def split(exs: tuple[Example, ...], seed: int, eval_fraction: float) -> tuple[tu
             group = [e for e in exs if e.kind == kind]
             if eval_fraction <= 0 or not _holds_out(len(group), eval_fraction):
                 continue
-            ranked = sorted(group, key=lambda e: _unit(seed, e.id))
-            drawn = [e for e in ranked[:-1] if _unit(seed, e.id) < eval_fraction] or ranked[:1]
+            ranked = sorted(group, key=lambda e: _unit(key, e.id))
+            drawn = [e for e in ranked[:-1] if _unit(key, e.id) < eval_fraction] or ranked[:1]
             held |= {e.id for e in drawn}
     return tuple(e for e in exs if e.id not in held), tuple(e for e in exs if e.id in held)
 

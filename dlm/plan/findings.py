@@ -41,6 +41,14 @@ DORA_SHORT_RUN_STEPS = 500
 FEW_STEPS = 20
 LORA_LOW_LR = 2e-5  # TRL's full-fine-tune default; LoRA wants ~10x
 GIB = 2**30
+# `heldout-too-small`: `dlm compare` resolves its default --min-gain of 5% only when the half-width of
+# its 95% bootstrap interval is under 5%. The interval's half-width is about 1.96 x s / sqrt(n), with s
+# the standard deviation across held-out examples of the paired per-example gain (A's summed loss
+# minus B's, over A's mean). EXAMPLE_SPREAD is a conservative assumed s, to be replaced by one measured
+# on the shipped LoRA/DoRA twins (docs/compare.md, "How many held-out examples"); n >= (1.96 x s / 0.05)^2.
+COMPARE_MIN_GAIN = 0.05  # the default of `dlm compare --min-gain` (a test keeps them equal)
+EXAMPLE_SPREAD = 0.15
+HELDOUT_FOR_MIN_GAIN = math.ceil((1.959964 * EXAMPLE_SPREAD / COMPARE_MIN_GAIN) ** 2)
 
 
 @dataclass(frozen=True)
@@ -466,6 +474,20 @@ def _run_infos(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusSta
             kept_whole=dict(corpus.kept_whole),
             eval_fraction=t.eval_fraction,
             needed=needed,
+        )
+    if 0 < corpus.n_heldout < HELDOUT_FOR_MIN_GAIN:
+        add(
+            "info",
+            "heldout-too-small",
+            f"{corpus.n_heldout} held-out example{'s' if corpus.n_heldout > 1 else ''}: too few for `dlm compare` "
+            f"to resolve its default {COMPARE_MIN_GAIN:.0%} min gain (about {HELDOUT_FOR_MIN_GAIN} are needed at "
+            f"a per-example spread of {EXAMPLE_SPREAD:g}, docs/compare.md), so twins will mostly come out inconclusive",
+            "pin more examples to judge on with `::instruction heldout::` (they never train), raise eval_fraction, "
+            "or add examples",
+            n_heldout=corpus.n_heldout,
+            needed=HELDOUT_FOR_MIN_GAIN,
+            example_spread=EXAMPLE_SPREAD,
+            min_gain=COMPARE_MIN_GAIN,
         )
     if corpus.n_heldout == 0:
         add(

@@ -76,7 +76,7 @@ def prepare(
         written = {**spec.training.model_dump(exclude_unset=True), **training_overrides}
         spec = spec.model_copy(update={"training": Training.model_validate(written)})
     examples = corpus.examples(doc, spec.system_prompt)
-    train, heldout = corpus.split(examples, spec.training.seed, spec.training.eval_fraction)
+    train, heldout = corpus.split(examples, spec.training.split_seed, spec.training.eval_fraction)
     _check_something_trains(doc, train, heldout)
     counts, why = None, "the base's tokenizer was not looked for"
     if base_folder is not None or home is not None:

@@ -76,8 +76,12 @@ def train_document(
     on_plan: Callable[[Prepared], None] | None = None,
     on_step: Callable[..., None] | None = None,
     on_event: Callable[[str, dict], None] | None = None,
+    seed: int | None = None,
 ) -> Outcome:
-    """Train one document into a new version of its store. Raises DlmError / RunError, never half-commits."""
+    """Train one document into a new version of its store. Raises DlmError / RunError, never half-commits.
+
+    `seed` (`dlm train --seed`) replaces `training.seed` for this run only, as if the document said
+    it: the version's spec.json and summary record it; the held-out split does not depend on it."""
     from dlm.plan.hardware import launch_env, package_versions
     from dlm.train import basefolder
 
@@ -100,6 +104,7 @@ def train_document(
         sharding=sharding,
         home=home,
         base_folder=base_folder,
+        training_overrides={"seed": seed} if seed is not None else None,
     )
     plan, spec = prepared.plan, prepared.spec
     if plan.blocked:
@@ -149,7 +154,16 @@ def train_document(
                     "adapter_bytes": sum(p.stat().st_size for p in adapter.glob("*.safetensors")),
                     "doc_sha256": sha,
                     "corpus_sha256": corpus_sha256(prepared),
+                    # what `dlm compare` scores this version on; versions without it used the
+                    # training seed's draw (corpus.legacy_split)
+                    "split": {
+                        "rule": "content",
+                        "split_seed": spec.training.split_seed,
+                        "heldout": [e.id for e in prepared.heldout],
+                    },
                     "source": prepared.doc.path,
+                    "seed": spec.training.seed,
+                    "seed_from": "--seed" if seed is not None else "document",
                     "resumed_from": str(resume_from) if resume_from else None,
                 }
                 body = {k: v for k, v in summary.to_json().items() if k != "log_history"}

@@ -11,18 +11,23 @@ user-facing account.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dlm.errors import DlmError, RunError
-from dlm.use.verdict import Comparison, Side, check_options, config_diff, decide, perplexity
+from dlm.use.verdict import Comparison, Side, Verdict, check_options, config_diff, decide, perplexity
 
 if TYPE_CHECKING:
+    from dlm.plan.corpus import Example
     from dlm.plan.hardware import HardwareFacts
     from dlm.plan.prepare import Prepared
     from dlm.store.current import Current
 
+
+MAX_SEEDS = 20  # --seeds: each seed is a training run per side
 
 # --- reading stored versions ----------------------------------------------------------------------
 
@@ -68,6 +73,8 @@ def side_from_version(role: str, path: str, folder: Path, scores: Mapping[str, A
         stale,
         read_log(folder),
         held_out_f1(folder),
+        held_out_exact(folder),
+        (spec.get("training") or {}).get("seed"),
     )
 
 
@@ -77,7 +84,48 @@ def held_out_f1(folder: Path, *, base: bool = False) -> float | None:
     return heldout.get("base_f1" if base else "f1") if heldout.get("n") else None
 
 
-def base_side(name: str, loss: float | None, answer_f1: float | None = None) -> Side:
+def held_out_exact(folder: Path, *, base: bool = False) -> float | None:
+    """The learning report's share of held-out answers that match exactly (adapter, or the base)."""
+    heldout = (read_json(folder, "metrics.json").get("learning") or {}).get("heldout") or {}
+    n = heldout.get("n")
+    exact = heldout.get("base_exact" if base else "exact")
+    return exact / n if n and isinstance(exact, (int, float)) else None
+
+
+def held_out_answers(folder: Path) -> dict[str, dict[str, Any]]:
+    """The learning report's answers to held-out questions, by example id."""
+    learning = read_json(folder, "metrics.json").get("learning") or {}
+    answers, n = learning.get("answers") or [], (learning.get("heldout") or {}).get("n") or 0
+    tail = answers[len(answers) - n :] if n else []  # the report lists the training sample first
+    return {a["id"]: a for a in tail if "id" in a}
+
+
+def run_figures(
+    metric: str, scores: Mapping[str, Any], runs_a: Sequence[tuple[str, Path]], runs_b: Sequence[tuple[str, Path]]
+) -> tuple[list[list[float]], list[list[float]]] | None:
+    """Per-example figures of every scored run (name, version folder) of A and of B, example i at
+    index i in each; None when any run lacks them.
+
+    eval_loss / delta_kl: each scored example's summed loss / KL (from `infer.score_adapters`);
+    answer_f1 / exact_match: each held-out question every run's learning report answered."""
+    every = [*runs_a, *runs_b]
+    if metric in ("eval_loss", "delta_kl"):
+        per = (scores.get("per_example") or {}).get("loss_sum" if metric == "eval_loss" else "kl_sum") or {}
+        found = [per.get(name) for name, _ in every]
+        if any(f is None for f in found) or len({len(f) for f in found if f is not None}) != 1:
+            return None
+        lists = [list(f) for f in found if f is not None]
+    else:
+        answers = [held_out_answers(folder) for _, folder in every]
+        ids = [i for i in answers[0] if all(i in a for a in answers[1:])]
+        if not ids:
+            return None
+        field = "f1" if metric == "answer_f1" else "exact"
+        lists = [[float(a[i][field]) for i in ids] for a in answers]
+    return lists[: len(runs_a)], lists[len(runs_a) :]
+
+
+def base_side(name: str, loss: float | None, answer_f1: float | None = None, exact_match: float | None = None) -> Side:
     return Side(
         "base",
         None,
@@ -94,6 +142,7 @@ def base_side(name: str, loss: float | None, answer_f1: float | None = None) -> 
         None,
         None,
         answer_f1=answer_f1,
+        exact_match=exact_match,
     )
 
 
@@ -109,13 +158,19 @@ def assemble(
     min_gain: float,
     stale: tuple[bool, bool] = (False, False),
     notes: tuple[str, ...] = (),
+    more_seeds: tuple[Sequence[Path], Sequence[Path]] = ((), ()),
 ) -> Comparison:
-    """Comparison from two version folders and `infer.score_adapters`'s result. Pure but for reading files."""
-    a = side_from_version(
-        "A", path_a, folder_a, {"loss": scores["loss"]["A"], "delta_kl": scores["delta_kl"]["A"]}, stale=stale[0]
+    """Comparison from two version folders and `infer.score_adapters`'s result. Pure but for reading files.
+
+    `more_seeds`: further versions of A and of B (other training seeds, scored as "A1", "A2", ... and
+    "B1", ...): each side's row is then the mean over its seeds, and the interval resamples seeds too."""
+    runs_a = [("A", folder_a), *((f"A{i}", f) for i, f in enumerate(more_seeds[0], 1))]
+    runs_b = [("B", folder_b), *((f"B{i}", f) for i, f in enumerate(more_seeds[1], 1))]
+    a = _seed_mean(
+        side_from_version("A", path_a, folder_a, {}, stale=stale[0]), [_quality(scores, n, f) for n, f in runs_a]
     )
-    b = side_from_version(
-        "B", path_b, folder_b, {"loss": scores["loss"]["B"], "delta_kl": scores["delta_kl"]["B"]}, stale=stale[1]
+    b = _seed_mean(
+        side_from_version("B", path_b, folder_b, {}, stale=stale[1]), [_quality(scores, n, f) for n, f in runs_b]
     )
     names = ("spec", "plan", "hardware", "summary")
     docs = [{n: read_json(f, f"{n}.json") for n in names} for f in (folder_a, folder_b)]
@@ -124,8 +179,19 @@ def assemble(
     )
     if any(d.source == "hardware" for d in diff):
         notes = (*notes, "A and B were trained on different hardware: their cost ratios compare machines, not methods")
+    figures = run_figures(metric, scores, runs_a, runs_b)
+    verdict = decide(metric, min_gain, a, b, seeds=figures)
+    seeds = {
+        role: seed_summary(metric, runs, [_quality(scores, n, f) for n, f in runs])
+        for role, runs in (("A", runs_a), ("B", runs_b))
+    }
+    if len(runs_a) > 1 or len(runs_b) > 1:
+        notes = (*notes, seed_note(metric, seeds))
+    notes = (*notes, *resolution_notes(verdict))
     return Comparison(
-        base_side(base_name, scores["loss"]["base"], held_out_f1(folder_a, base=True)),
+        base_side(
+            base_name, scores["loss"]["base"], held_out_f1(folder_a, base=True), held_out_exact(folder_a, base=True)
+        ),
         a,
         b,
         int(scores["examples"]),
@@ -133,8 +199,83 @@ def assemble(
         docs[0]["summary"].get("corpus_sha256"),
         docs[1]["summary"].get("corpus_sha256"),
         diff,
-        decide(metric, min_gain, a, b),
+        verdict,
         tuple(notes),
+        seeds,
+    )
+
+
+def _quality(scores: Mapping[str, Any], name: str, folder: Path) -> dict[str, float | None]:
+    """One scored run's quality figures: loss and KL from `scores`, answer F1 / exact from its report."""
+    return {
+        "eval_loss": scores["loss"].get(name),
+        "delta_kl": scores["delta_kl"].get(name),
+        "answer_f1": held_out_f1(folder),
+        "exact_match": held_out_exact(folder),
+    }
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    return (
+        None if not values or any(v is None for v in values) else sum(v for v in values if v is not None) / len(values)
+    )
+
+
+def _seed_mean(side: Side, runs: Sequence[Mapping[str, float | None]]) -> Side:
+    """The side's row: each quality figure averaged over its seeds (one seed: that run's figures)."""
+    loss = _mean([r["eval_loss"] for r in runs])
+    return replace(
+        side,
+        eval_loss=loss,
+        perplexity=perplexity(loss),
+        delta_kl=_mean([r["delta_kl"] for r in runs]),
+        answer_f1=_mean([r["answer_f1"] for r in runs]),
+        exact_match=_mean([r["exact_match"] for r in runs]),
+    )
+
+
+def seed_summary(
+    metric: str, runs: Sequence[tuple[str, Path]], quality: Sequence[Mapping[str, float | None]]
+) -> dict[str, Any]:
+    """Per side: each seed's version and value of the metric, their mean and sample standard deviation."""
+    values = [q[metric] for q in quality]
+    mean = _mean(values)
+    sd = None
+    if mean is not None and len(values) > 1:
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values if v is not None) / (len(values) - 1))
+    return {
+        "seeds": [(read_json(f, "spec.json").get("training") or {}).get("seed") for _, f in runs],
+        "versions": [Path(f).name for _, f in runs],
+        "values": values,
+        "mean": mean,
+        "sd": sd,
+    }
+
+
+def seed_note(metric: str, seeds: Mapping[str, Mapping[str, Any]]) -> str:
+    parts = []
+    for role in ("A", "B"):
+        s = seeds[role]
+        spread = f"sd {s['sd']:.4g}" if s["sd"] is not None else "one seed"
+        mean = f"{s['mean']:.4g}" if s["mean"] is not None else "?"
+        parts.append(f"{role} {mean} ({spread}, seeds {', '.join(map(str, s['seeds']))})")
+    return (
+        f"{metric} over seeds: " + "; ".join(parts) + ". The interval resamples seeds as well as examples, "
+        "so it includes the seed-to-seed spread"
+    )
+
+
+def resolution_notes(v: Verdict) -> tuple[str, ...]:
+    """What an inconclusive verdict would need: about how many held-out examples like these."""
+    if v.outcome != "inconclusive":
+        return ()
+    if v.gain_low is None:
+        return (f"no per-example {v.metric} figures to resample, so the gain has no interval",)
+    if v.examples_needed is None and v.gain is not None and math.isfinite(v.gain):
+        return (f"the observed gain sits on the {v.min_gain:.1%} min gain: no number of examples would separate them",)
+    return (
+        f"about {v.examples_needed} held-out examples like these (now {v.examples}) would put the interval of "
+        f"the observed gain {v.gain:+.2%} clear of the {v.min_gain:.1%} min gain",
     )
 
 
@@ -164,6 +305,7 @@ def compare(
     on_train: Callable[[str, str, str], Mapping[str, Any] | None] | None = None,
     batch_size: int = 4,
     device: str | None = None,
+    seeds: int = 1,
 ) -> Comparison:
     """Evaluate the base, A's and B's current adapters on A's held-out examples and judge B.
 
@@ -172,17 +314,34 @@ def compare(
     has no held-out examples, or a side has no adapter and `train` is False. With `train`, a side
     with no adapter or a stale one is trained first through `runs.train_document`; `on_train(role,
     path, why)` may return extra keyword arguments for it (on_plan / on_step / on_event).
+
+    `seeds` > 1: each side is judged on `seeds` versions trained with training.seed, seed + 1, ...
+    (its document's seed first), found in its store or, with `train`, trained now (`_seed_versions`).
     """
     from dlm.plan.hardware import probe_light
 
     check_options(metric, min_gain)
+    if not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise DlmError(
+            f"--seeds must be a whole number from 1 to {MAX_SEEDS} (got {seeds!r})",
+            "--seeds 3 trains and scores three seeds of each side",
+        )
     hw = hardware or probe_light()
     paths = (str(path_a), str(path_b))
     preps = _check_twins(paths, hw, allow_different_data)
     found, notes = _current_adapters(paths, preps, home, hw, train=train, on_train=on_train)
     cur_a, cur_b = found
-    notes += _check_trained_data(paths, cur_a, cur_b, allow_different_data)
-    scores = _score(cur_a, cur_b, home, batch_size=batch_size, device=device)
+    splits = trained_split(cur_a), trained_split(cur_b)
+    notes += _check_trained_data(paths, cur_a, cur_b, allow_different_data, splits)
+    more: tuple[list[Path], list[Path]] = ([], [])
+    if seeds > 1:
+        for i, (role, p, cur) in enumerate((("A", paths[0], cur_a), ("B", paths[1], cur_b))):
+            extra, trained = _seed_versions(role, p, cur, seeds, home, hw, train=train, on_train=on_train)
+            more[i].extend(extra)
+            notes += [f"trained {role} with seed {s}" for s in trained]
+    adapters = {"A": cur_a.version_dir, "B": cur_b.version_dir}
+    adapters |= {f"A{i}": f for i, f in enumerate(more[0], 1)} | {f"B{i}": f for i, f in enumerate(more[1], 1)}
+    scores = _score(cur_a, splits[0][1], adapters, home, batch_size=batch_size, device=device)
     return assemble(
         cur_a.version_dir,
         cur_b.version_dir,
@@ -194,6 +353,7 @@ def compare(
         min_gain=min_gain,
         stale=(cur_a.stale, cur_b.stale),
         notes=tuple(notes),
+        more_seeds=more,
     )
 
 
@@ -303,7 +463,11 @@ def _train_side(
 
 
 def _check_trained_data(
-    paths: tuple[str, str], cur_a: Current, cur_b: Current, allow_different_data: bool
+    paths: tuple[str, str],
+    cur_a: Current,
+    cur_b: Current,
+    allow_different_data: bool,
+    splits: tuple[tuple[tuple[Example, ...], tuple[Example, ...]], ...],
 ) -> list[str]:
     """DlmError when the versions trained on different corpora (unless allowed); else a note saying so."""
     from dlm.store import current
@@ -313,14 +477,99 @@ def _check_trained_data(
         return []
     if not allow_different_data:
         _refuse_different_data(paths[0], paths[1], *trained)
-    leaked = {e.id for e in cur_a.prepared.heldout} & {e.id for e in cur_b.prepared.train}
+    leaked = {e.id for e in splits[0][1]} & {e.id for e in splits[1][0]}
     return [
         f"A and B trained on different examples (--allow-different-data); {len(leaked)} of A's "
-        f"{len(cur_a.prepared.heldout)} held-out examples are in B's training set"
+        f"{len(splits[0][1])} held-out examples are in B's training set"
     ]
 
 
-def _score(cur_a: Current, cur_b: Current, home: Path, *, batch_size: int, device: str | None) -> dict[str, Any]:
+def trained_split(cur: Current) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    """(train, heldout) as the version was trained: the held-out ids its summary recorded, or, for a
+    version recorded before the split stopped following the training seed, that seed's draw
+    (`corpus.legacy_split` with the version's own spec), never today's rule applied after the fact."""
+    from dlm.plan import corpus
+
+    ordered = corpus.examples(cur.prepared.doc, cur.prepared.spec.system_prompt)  # source order, as prepare
+    recorded = (cur.summary.get("split") or {}).get("heldout")
+    if isinstance(recorded, list):
+        held = set(recorded)
+        heldout = tuple(e for e in ordered if e.id in held)
+        if heldout:
+            return tuple(e for e in ordered if e.id not in held), heldout
+        return cur.prepared.train, cur.prepared.heldout  # the document changed past every recorded id
+    training = read_json(cur.version_dir, "spec.json").get("training") or {}
+    seed = training.get("seed", cur.prepared.spec.training.seed)
+    fraction = training.get("eval_fraction", cur.prepared.spec.training.eval_fraction)
+    return corpus.legacy_split(ordered, int(seed), float(fraction))
+
+
+def _seed_versions(
+    role: str,
+    path: str,
+    cur: Current,
+    n: int,
+    home: Path,
+    hw: HardwareFacts,
+    *,
+    train: bool,
+    on_train: Callable[[str, str, str], Mapping[str, Any] | None] | None,
+) -> tuple[list[Path], list[int]]:
+    """The versions of seeds seed + 1 .. seed + n - 1 of one side (seed: the current version's), and
+    the seeds trained now. A version counts for a seed when its spec.json has that training.seed and
+    it trained this very document and corpus (summary doc_sha256 and corpus_sha256 equal to the
+    current version's); the newest such wins. Missing seeds are trained with `train` (each a new
+    version of the side's store), after which the current version is switched back, so the store's
+    current adapter stays the one compare was asked about; without `train`, DlmError (exit 2)."""
+    from dlm.store.integrity import verify
+
+    first = int((read_json(cur.version_dir, "spec.json").get("training") or {}).get("seed", 0))
+    wanted = [first + k for k in range(1, n)]
+    key = (cur.summary.get("doc_sha256"), cur.summary.get("corpus_sha256"))
+    found: dict[int, Path] = {}
+    for folder in cur.store.versions():
+        summary = read_json(folder, "summary.json")
+        seed = (read_json(folder, "spec.json").get("training") or {}).get("seed")
+        if seed in wanted and (summary.get("doc_sha256"), summary.get("corpus_sha256")) == key:
+            found[seed] = folder  # versions are oldest first: the newest wins
+    missing = [s for s in wanted if s not in found]
+    if missing and not train:
+        raise DlmError(
+            f"{role} has no version trained with seed{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(map(str, missing))} of this document",
+            f"add --train to train them, or `dlm train {path} --seed {missing[0]}`",
+            path,
+        )
+    if missing:
+        from dlm.train import device, runs
+
+        train_hw = device.probe()
+        for seed in missing:
+            hooks = dict((on_train(role, path, f"seed {seed} of {n}") if on_train else None) or {})
+            outcome = runs.train_document(path, home, train_hw, seed=seed, **hooks)
+            if outcome.version is None:
+                raise RunError(
+                    f"training {role} with seed {seed} stopped before it finished",
+                    f"`dlm train {path} --seed {seed} --resume` continues it; then run dlm compare again",
+                    path,
+                )
+            found[seed] = outcome.store.root / "versions" / outcome.version
+        with outcome.store.lock():
+            outcome.store.switch(cur.version_dir.name)
+    for folder in found.values():
+        verify(folder)
+    return [found[s] for s in wanted], missing
+
+
+def _score(
+    cur_a: Current,
+    heldout: tuple[Example, ...],
+    adapters: dict[str, Path],
+    home: Path,
+    *,
+    batch_size: int,
+    device: str | None,
+) -> dict[str, Any]:
     """`infer.score_adapters` on the base, A and B over A's held-out examples (the only heavy step)."""
     from dlm.train import basefolder
     from dlm.use import infer
@@ -328,8 +577,8 @@ def _score(cur_a: Current, cur_b: Current, home: Path, *, batch_size: int, devic
     plan_a = cur_a.prepared.plan
     return infer.score_adapters(
         basefolder.materialize(cur_a.prepared.base, home),
-        {"A": cur_a.version_dir, "B": cur_b.version_dir},
-        cur_a.prepared.heldout,
+        adapters,
+        heldout,
         max_length=plan_a.sft_kwargs.get("max_length"),
         batch_size=batch_size,
         trust_remote_code=cur_a.prepared.spec.trust_remote_code,

@@ -440,15 +440,25 @@ def score_adapters(
     training (`encode_rows`): the answer tokens of instruction rows, every token of prose.
 
     Returns {"examples": n, "tokens": scored positions, "loss": {"base": x, name: x, ...},
-    "delta_kl": {name: x, ...}} where loss is the token-weighted mean cross-entropy (as `eval_loss`)
+    "delta_kl": {name: x, ...}, "per_example": {"tokens": [...], "loss_sum": {"base": [...], name: [...]},
+    "kl_sum": {name: [...]}}} where loss is the token-weighted mean cross-entropy (as `eval_loss`)
     and delta_kl the mean over the same positions of KL(adapted || base) =
-    sum_v p_adapted(v) * (log p_adapted(v) - log p_base(v)), in nats per token.
+    sum_v p_adapted(v) * (log p_adapted(v) - log p_base(v)), in nats per token. `per_example` has
+    one entry per scored example (rows whose answer is cut away entirely score nothing), in order:
+    its scored tokens and its summed loss and KL, for compare's paired bootstrap.
     """
     examples = list(examples)
     with quiet_progress():
         return _score_adapters(
             Path(base_folder), adapters, examples, max_length, batch_size, trust_remote_code, dtype, device
         )
+
+
+def _per_row(values: Any, row_of: Any, n: int) -> list[float]:
+    """Per-position values summed per batch row (`row_of`: each position's row), as floats."""
+    import torch
+
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, row_of, values).tolist()
 
 
 def _score_adapters(
@@ -480,6 +490,10 @@ def _score_adapters(
     nll = dict.fromkeys(["base", *names], 0.0)
     kl = dict.fromkeys(names, 0.0)
     count = 0
+    # Per scored example, for compare's paired bootstrap: its scored tokens, summed loss and KL.
+    per_tokens: list[int] = []
+    per_nll: dict[str, list[float]] = {k: [] for k in nll}
+    per_kl: dict[str, list[float]] = {k: [] for k in kl}
     with torch.no_grad():
         for i in range(0, len(enc), batch_size):
             batch = enc[i : i + batch_size]
@@ -498,15 +512,24 @@ def _score_adapters(
                 logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float()  # noqa: B023 - called in this iteration
                 return torch.log_softmax(logits, dim=-1)
 
+            row_of = keep.nonzero()[:, 0]  # the batch row of each scored position
+
             with model.disable_adapter():
                 base_lp = log_probs()
-            nll["base"] -= float(base_lp.gather(1, wanted).sum())
+            base_nll = -base_lp.gather(1, wanted)[:, 0]
+            nll["base"] += float(base_nll.sum())
+            per_nll["base"] += _per_row(base_nll, row_of, len(batch))
             for name in names:
                 model.set_adapter(name)
                 lp = log_probs()
-                nll[name] -= float(lp.gather(1, wanted).sum())
-                kl[name] += float((lp.exp() * (lp - base_lp)).sum())
+                row_nll = -lp.gather(1, wanted)[:, 0]
+                row_kl = (lp.exp() * (lp - base_lp)).sum(dim=-1)
+                nll[name] += float(row_nll.sum())
+                kl[name] += float(row_kl.sum())
+                per_nll[name] += _per_row(row_nll, row_of, len(batch))
+                per_kl[name] += _per_row(row_kl, row_of, len(batch))
             count += int(keep.sum())
+            per_tokens += keep.sum(dim=1).tolist()
     if not count:
         return {"examples": len(examples), "tokens": 0, "loss": dict.fromkeys(nll), "delta_kl": dict.fromkeys(kl)}
     # KL is >= 0; a sum of float terms for identical distributions can land a hair below.
@@ -515,4 +538,5 @@ def _score_adapters(
         "tokens": count,
         "loss": {k: v / count for k, v in nll.items()},
         "delta_kl": {k: max(0.0, v / count) for k, v in kl.items()},
+        "per_example": {"tokens": per_tokens, "loss_sum": per_nll, "kl_sum": per_kl},
     }
