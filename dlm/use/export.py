@@ -209,10 +209,10 @@ def export(
         files = [GGUF_NAME]
         extra = f"Run it: `llama-cli -m {GGUF_NAME} -cnv` (llama.cpp)."
         if fmt == "ollama":
-            sampling = {"temperature": spec.export.temperature or 0.0, "top_p": spec.export.top_p}
-            (tmp / "Modelfile").write_text(
-                cards.modelfile(tokenizer, GGUF_NAME, spec.system_prompt, **sampling), "utf-8"
+            text = cards.modelfile(
+                tokenizer, GGUF_NAME, spec.system_prompt, spec.export.temperature or 0.0, spec.export.top_p
             )
+            (tmp / "Modelfile").write_text(text, "utf-8")
             files.append("Modelfile")
             ollama_line = f"ollama create {cards.ollama_name(facts.name)} -f {out_dir / 'Modelfile'}"
             name = cards.ollama_name(facts.name)
