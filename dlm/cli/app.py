@@ -183,6 +183,8 @@ _NOTES = {  # training events worth a line above the progress bar
         if d["forward"] == "dlm"
         else f"DoRA: PEFT's own forward ({d['reason']})"
     ),
+    "phase": lambda d: f"phase {d['index']}/{d['of']}: {d['phase']}",
+    "finding": lambda d: f"{d['level']} {d['code']}: {d['message']}",
     "interrupt": lambda d: f"{d['signal']}: saving a checkpoint at the end of this step",
     "checkpoint": lambda d: f"checkpoint {d['path']}",
     "eval": lambda d: (

@@ -220,8 +220,27 @@ def trained(console: Console, outcome: Any, home: Any) -> None:
     )
     if s.learning:
         learning(console, s.learning)
+    if s.preference:
+        console.print(f"[bold]{preference_line(s.preference)}[/]", highlight=False, soft_wrap=True)
     console.print(f"version {outcome.version} -> {escape(str(store / 'adapter'))}", highlight=False)
     console.print(f"store: {escape(str(store))}", highlight=False)
+
+
+def preference_line(found: dict[str, Any]) -> str:
+    """`preference: held-out 5 triples: accuracy 0.80 (base 0.40), reward margin +0.412; training ...`"""
+    parts = []
+    for part, name in (("heldout", "held-out"), ("train", "training")):
+        m = found.get(part) or {}
+        if m.get("n"):
+            parts.append(
+                f"{name} {m['n']} triples: accuracy {m['pref_accuracy']:.2f} (base {m['base_pref_accuracy']:.2f}), "
+                f"reward margin {m['reward_margin']:+.3f}"
+            )
+    return (
+        "preference: "
+        + ("; ".join(parts) or "no triples measured")
+        + f" (beta {found.get('beta')}, ref {found.get('reference')})"
+    )
 
 
 def learning(console: Console, report: dict[str, Any], examples: int = 0) -> None:
@@ -285,6 +304,8 @@ def store_listing(console: Console, info: dict[str, Any]) -> None:
         console.print(f"{v['version']}: {v['bytes'] / 2**20:.1f} MiB, run {v['run']}", highlight=False)
         if v.get("learning"):
             console.print(f"  {escape(v['learning']['line'])}", highlight=False, soft_wrap=True)
+        if v.get("preference"):
+            console.print(f"  {preference_line(v['preference'])}", highlight=False, soft_wrap=True)
     for note in notes:
         console.print(escape(note), highlight=False, soft_wrap=True)
 

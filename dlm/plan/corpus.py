@@ -48,7 +48,7 @@ class Example:
     text: str = ""  # prose
     prompt: str = ""  # instruction / preference
     completion: str = ""  # answer / chosen
-    rejected: str = ""  # preference only (kept for evaluation; SFT trains on the chosen answer)
+    rejected: str = ""  # preference only (objective sft trains on the chosen answer; dpo on the pair)
     system: str | None = None
     pinned_heldout: bool = False
     # A multi-turn conversation's earlier exchanges, (question, answer) in order; `prompt` and
@@ -79,6 +79,8 @@ class CorpusStats:
     lengths: tuple[tuple[int, str], ...] = ()  # (tokens, "path:line") per example, training then held-out
     n_pinned: int = 0  # held-out examples from pinned `heldout` sections (then nothing else is held out)
     kept_whole: tuple[tuple[str, int], ...] = ()  # (kind, n): too few of that kind to hold any out
+    n_preference: int = 0  # training preference triples (counted in n_instruction too)
+    n_preference_heldout: int = 0
 
     @property
     def mean_tokens(self) -> float:
@@ -255,4 +257,6 @@ def stats(
         lengths=tuple((tokens(e), e.where) for e in every),
         n_pinned=sum(e.pinned_heldout for e in heldout),
         kept_whole=kept_whole(every, eval_fraction),
+        n_preference=sum(e.kind == "preference" for e in train),
+        n_preference_heldout=sum(e.kind == "preference" for e in heldout),
     )
