@@ -218,6 +218,8 @@ SIDE_KEYS = {
     "adapter_bytes": (int, type(None)),
     "stale": bool,
     "answer_f1": (float, type(None)),
+    "pref_accuracy": (float, type(None)),
+    "reward_margin": (float, type(None)),
 }
 VERDICT_KEYS = {
     "metric": str,

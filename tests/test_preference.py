@@ -322,3 +322,25 @@ def test_sft_then_dpo_is_one_version_with_both_phases(workdir: Path, tmp_path: P
     )
     info = json.loads(shown.stdout)
     assert info["versions"][0]["preference"]["heldout"]["n"] == 2
+
+
+@pytest.mark.integration
+def test_a_loss_type_twin_is_judged_on_pref_accuracy_and_reward_margin(workdir: Path, tmp_path: Path) -> None:
+    """`dlm twin --set training.preference.loss_type=ipo`, both trained, `compare --metric pref_accuracy`:
+    each side's figure is its version's metrics.json, the base's its own accuracy and a margin of 0."""
+    from dlm.doc.authoring import make_twin
+    from dlm.use import compare as cmp
+
+    home = tmp_path / "home"
+    training = "  objective: dpo\n" + TINY.format(steps=2) + "  preference:\n    beta: 0.1\n"
+    a = write(workdir, "twin-a.dlm", training, PREF_BODY)
+    b = make_twin(a, ["training.preference.loss_type=ipo"], workdir / "twin-b.dlm")
+    assert "loss_type: ipo" in b.read_text()
+    ma, mb = (_train(doc, home).summary.preference["heldout"] for doc in (a, b))
+    c = cmp.compare(a, b, home, metric="pref_accuracy", min_gain=0.0)
+    assert (c.a.pref_accuracy, c.b.pref_accuracy) == (ma["pref_accuracy"], mb["pref_accuracy"])
+    assert c.base.pref_accuracy == ma["base_pref_accuracy"] and c.base.reward_margin == 0.0
+    assert c.verdict.metric == "pref_accuracy" and c.verdict.better == "higher" and c.verdict.keep in ("A", "B")
+    margin = cmp.compare(a, b, home, metric="reward_margin", min_gain=0.0)
+    assert margin.verdict.a_value == ma["reward_margin"] and margin.verdict.b_value == mb["reward_margin"]
+    assert margin.to_json()["sides"]["B"]["reward_margin"] == mb["reward_margin"]

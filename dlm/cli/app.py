@@ -470,7 +470,7 @@ def compare(
         str,
         typer.Option(
             "--metric",
-            help="eval_loss (lower is better) | delta_kl | answer_f1 (the learning report's held-out answer F1; higher is better).",
+            help="eval_loss (lower is better) | delta_kl | answer_f1 (the learning report's held-out answer F1; higher is better) | pref_accuracy | reward_margin (objective dpo).",
         ),
     ] = "eval_loss",
     min_gain: Annotated[float, typer.Option("--min-gain", help="B must beat A by this fraction (0.05 = 5%).")] = 0.05,

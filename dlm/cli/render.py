@@ -339,7 +339,16 @@ def comparison(console: Console, comp: Any) -> None:
         collapse_padding=True,
     )
     f1 = any(s.answer_f1 is not None for s in comp.sides)  # a column only when a learning report has it
-    cols = ("side", "loss", "ppl", "delta_kl", *(("answer F1",) if f1 else ()), "s/step", "train", "peak mem")
+    pref = any(s.pref_accuracy is not None for s in comp.sides)  # objective dpo: preference figures
+    cols = (
+        "side",
+        "loss",
+        "ppl",
+        "delta_kl",
+        *(("answer F1",) if f1 else ()),
+        *(("pref acc", "margin") if pref else ()),
+    )
+    cols = (*cols, "s/step", "train", "peak mem")
     for col in (*cols, "trainable", "size"):
         table.add_column(col, justify="left" if col == "side" else "right", no_wrap=True)
     for s in comp.sides:
@@ -350,6 +359,7 @@ def comparison(console: Console, comp: Any) -> None:
             ppl,
             num(s.delta_kl, ".3g"),
             *((num(s.answer_f1, ".2f"),) if f1 else ()),
+            *((num(s.pref_accuracy, ".2f"), num(s.reward_margin, "+.3f")) if pref else ()),
             num(s.steady_step_seconds, ".3f"),
             duration(s.train_seconds) if s.train_seconds is not None else "-",
             gib(s.peak_memory_bytes) if s.peak_memory_bytes else "-",

@@ -68,7 +68,17 @@ def side_from_version(role: str, path: str, folder: Path, scores: Mapping[str, A
         stale,
         read_log(folder),
         held_out_f1(folder),
+        *preference_scores(folder),
     )
+
+
+def preference_scores(folder: Path, *, base: bool = False) -> tuple[float | None, float | None]:
+    """objective dpo: the version's held-out preference accuracy and reward margin (the base's: its
+    own accuracy, and a margin of 0, the implicit reward's zero); None without preference figures."""
+    m = read_json(folder, "metrics.json")
+    if not m.get("pref_n"):
+        return None, None
+    return (m.get("base_pref_accuracy"), 0.0) if base else (m.get("pref_accuracy"), m.get("reward_margin"))
 
 
 def held_out_f1(folder: Path, *, base: bool = False) -> float | None:
@@ -77,7 +87,12 @@ def held_out_f1(folder: Path, *, base: bool = False) -> float | None:
     return heldout.get("base_f1" if base else "f1") if heldout.get("n") else None
 
 
-def base_side(name: str, loss: float | None, answer_f1: float | None = None) -> Side:
+def base_side(
+    name: str,
+    loss: float | None,
+    answer_f1: float | None = None,
+    pref: tuple[float | None, float | None] = (None, None),
+) -> Side:
     return Side(
         "base",
         None,
@@ -94,6 +109,8 @@ def base_side(name: str, loss: float | None, answer_f1: float | None = None) -> 
         None,
         None,
         answer_f1=answer_f1,
+        pref_accuracy=pref[0],
+        reward_margin=pref[1],
     )
 
 
@@ -125,7 +142,12 @@ def assemble(
     if any(d.source == "hardware" for d in diff):
         notes = (*notes, "A and B were trained on different hardware: their cost ratios compare machines, not methods")
     return Comparison(
-        base_side(base_name, scores["loss"]["base"], held_out_f1(folder_a, base=True)),
+        base_side(
+            base_name,
+            scores["loss"]["base"],
+            held_out_f1(folder_a, base=True),
+            preference_scores(folder_a, base=True),
+        ),
         a,
         b,
         int(scores["examples"]),

@@ -30,6 +30,8 @@ from dlm.errors import DlmError
 
 SCHEMA_VERSION = 1  # the `dlm_compare` field of to_json(); bumped only when a field changes meaning
 BETTER = {"eval_loss": "lower", "delta_kl": "higher", "answer_f1": "higher"}
+# objective dpo (docs/preference.md): held-out preference accuracy and mean reward margin, from metrics.json
+BETTER.update(pref_accuracy="higher", reward_margin="higher")
 MIN_GAIN_RANGE = (-1.0, 1.0)
 EPS = 1e-12  # "at least min_gain" must survive float rounding of (A - B) / A
 # Keys that differ between twins by construction: each side's identity, not a confound.
@@ -70,6 +72,8 @@ class Side:
     # The learning report's mean token F1 of greedy answers to the held-out Q/A (docs/learning.md);
     # None when the version has no report or the held-out set has no Q/A.
     answer_f1: float | None = None
+    pref_accuracy: float | None = None  # objective dpo: held-out preference accuracy (metrics.json)
+    reward_margin: float | None = None  # objective dpo: held-out mean implicit reward margin; 0 for the base
 
     def to_json(self) -> dict[str, Any]:
         data = {k: _finite(v) for k, v in asdict(self).items() if k != "log"}
@@ -152,7 +156,7 @@ def check_options(metric: str, min_gain: float) -> None:
     """DlmError (exit 2) for a metric we do not know or a min gain that cannot mean anything."""
     if metric not in BETTER:
         raise DlmError(
-            f"--metric must be eval_loss, delta_kl or answer_f1 (got {metric!r})",
+            f"--metric must be one of {', '.join(BETTER)} (got {metric!r})",
             "eval_loss: held-out loss, lower is better; delta_kl: KL from the base, higher is better; "
             "answer_f1: the learning report's held-out answer F1, higher is better",
         )
