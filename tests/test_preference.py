@@ -344,3 +344,37 @@ def test_a_loss_type_twin_is_judged_on_pref_accuracy_and_reward_margin(workdir: 
     margin = cmp.compare(a, b, home, metric="reward_margin", min_gain=0.0)
     assert margin.verdict.a_value == ma["reward_margin"] and margin.verdict.b_value == mb["reward_margin"]
     assert margin.to_json()["sides"]["B"]["reward_margin"] == mb["reward_margin"]
+
+
+@pytest.mark.integration
+def test_dpo_only_sigint_then_resume_equals_uninterrupted(workdir: Path, tmp_path: Path) -> None:
+    """The DPO phase checkpoints and resumes as SFT runs do: a Ctrl-C at step 3 saves a checkpoint;
+    resuming from it ends with the very adapter tensors of an uninterrupted run."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from dlm.train import device
+    from dlm.train import run as train
+
+    training = (
+        "  objective: dpo\n" + TINY.format(steps=5) + "  save_steps: 2\n  preference:\n    learning_rate: 5.0e-3\n"
+    )
+    p = prepare(write(workdir, "resume.dlm", training, PREF_BODY), device.probe())
+    base = workdir / "tiny"
+    full = train.run(p.plan, p.train, p.heldout, base, tmp_path / "full", eval_base=False)
+
+    def interrupt(step, *_):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut = train.run(p.plan, p.train, p.heldout, base, tmp_path / "cut", on_step=interrupt)
+    assert cut.status == "interrupted" and cut.adapter_dir is None and cut.preference is None
+    assert cut.checkpoint and Path(cut.checkpoint).name == f"checkpoint-{cut.steps}"
+    resumed = train.run(p.plan, p.train, p.heldout, base, tmp_path / "cut", resume_from=True, eval_base=False)
+    assert resumed.status == "ok" and resumed.steps == full.steps == 5
+    a = load_file(str(Path(full.adapter_dir) / "adapter_model.safetensors"))
+    b = load_file(str(Path(resumed.adapter_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert full.train_loss == resumed.train_loss and full.preference == resumed.preference
