@@ -378,3 +378,16 @@ def test_dpo_only_sigint_then_resume_equals_uninterrupted(workdir: Path, tmp_pat
     b = load_file(str(Path(resumed.adapter_dir) / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert full.train_loss == resumed.train_loss and full.preference == resumed.preference
+
+
+@pytest.mark.integration
+def test_the_shipped_preference_config_plans_both_phases_and_builds_its_dpo_config(tmp_path: Path) -> None:
+    from dlm.train.preference import dpo_config
+
+    p = prepare(REPO / "configs" / "preference.dlm", load_fixture(HW / "cpu.json"))
+    assert p.plan.phases == ("sft", "dpo") and "objective=sft+dpo(beta=0.1, ref=base)" in p.plan.reason
+    assert p.corpus.n_preference == 24 and p.corpus.n_preference_heldout == 6
+    assert p.plan.decision("steps") == 3 and p.plan.decision("dpo_steps") == 9  # SFT on the 4 pairs + title
+    assert "reference" in p.plan.estimates.memory_breakdown
+    cfg = dpo_config(p.plan, tmp_path)
+    assert (cfg.beta, cfg.loss_type, cfg.learning_rate, cfg.save_steps) == (0.1, ["sigmoid"], 1e-4, 3)

@@ -80,6 +80,8 @@ def plan(console: Console, path: str, plan: Any, base: Any, hardware: Any, corpu
     console.print(table)
     console.print(escape(kwargs_call("LoraConfig", plan.lora_kwargs)), highlight=False, soft_wrap=True)
     console.print(escape(kwargs_call("SFTConfig", plan.sft_kwargs)), highlight=False, soft_wrap=True)
+    if plan.dpo_kwargs:  # objective dpo: the DPO phase's config (docs/preference.md)
+        console.print(escape(kwargs_call("DPOConfig", plan.dpo_kwargs)), highlight=False, soft_wrap=True)
     console.print(escape(kwargs_call("from_pretrained", plan.model_kwargs)), highlight=False, soft_wrap=True)
     if getattr(plan, "runtime_kwargs", None):  # settings train.py applies itself
         console.print(escape(kwargs_call("runtime", plan.runtime_kwargs)), highlight=False, soft_wrap=True)
@@ -87,7 +89,8 @@ def plan(console: Console, path: str, plan: Any, base: Any, hardware: Any, corpu
     label = "measured" if est.measured else "estimated"
     console.print(
         f"{label}: {est.optimizer_steps} optimizer steps x {est.tokens_per_step} tokens, "
-        f"peak memory {gib(est.peak_memory_bytes)}, {est.step_seconds:.2f} s/step, "
+        + (f"then {plan.decision('dpo_steps')} DPO steps, " if getattr(plan, "phases", ()) == ("sft", "dpo") else "")
+        + f"peak memory {gib(est.peak_memory_bytes)}, {est.step_seconds:.2f} s/step, "
         f"total {duration(est.total_seconds)}",
         highlight=False,
     )

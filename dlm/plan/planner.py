@@ -127,7 +127,8 @@ def make_plan(
     step_s = step_seconds(
         hw, base, spec, kind.precision, memory.adapter, batch.micro, batch.accum, row_tokens, batch.ckpt
     )
-    t, steps = _decide_steps(t, batch, world, step_s, given, decide)
+    sft_rows = corpus.n_train - corpus.n_preference if "dpo" in phases else batch.n_rows  # triples go to DPO
+    t, steps = _decide_steps(t, dataclasses.replace(batch, n_rows=max(1, sft_rows)), world, step_s, given, decide)
     estimates = estimate(memory, batch.micro, batch.accum, batch.ckpt, world, steps, step_s, row_tokens)
     if "dpo" in phases:
         estimates = _dpo_estimates(t, corpus, batch, world, step_s, memory, phases, estimates, decide)
@@ -160,6 +161,11 @@ def make_plan(
     runtime = {**_runtime_kwargs(t, hw, kind.dora_fast, world, decide), **decide_report_to(t, decide)}
     reason = _reason(t, kind, optim, findings, phases, reference)
     dpo = dpo_kwargs(sft, t.preference) if "dpo" in phases else {}
+    if "sft" in phases and dpo:  # the DPO phase's own evaluation and checkpoint cadence, as the SFT phase's
+        n = next(d.value for d in decisions if d.key == "dpo_steps")
+        dpo_s = next(d.value for d in decisions if d.key == "dpo_step_seconds")
+        dpo["save_steps"] = t.save_steps or max(1, min(math.ceil(n / 4), math.ceil(600 / dpo_s)))
+        dpo["eval_strategy"], dpo["eval_steps"] = "steps", t.eval_steps or max(1, math.ceil(n / 4))
     return Plan(
         tuple(decisions),
         lora,
