@@ -130,6 +130,17 @@ def test_reference_sft_without_an_sft_phase_is_refused_at_its_line(tmp_path: Pat
     assert prepare(ok, load_fixture(HW / "cpu.json")).plan.reference == "sft"
 
 
+def test_a_title_alone_does_not_make_an_sft_phase(tmp_path: Path) -> None:
+    """A heading above the triples is prose, but nothing to train a phase on: DPO only, as without it."""
+    doc = write(tmp_path, "a.dlm", "  objective: dpo\n", "# Units\n\n" + PREF_BODY, base="smollm2-135m")
+    p = prepare(doc, load_fixture(HW / "cpu.json")).plan
+    assert p.phases == ("dpo",) and p.reference == "base" and "dpo-without-sft" in {f.code for f in p.findings}
+    with_prose = write(
+        tmp_path, "b.dlm", "  objective: dpo\n", "# Units\n\nWe use SI.\n\n" + PREF_BODY, base="smollm2-135m"
+    )
+    assert prepare(with_prose, load_fixture(HW / "cpu.json")).plan.phases == ("sft", "dpo")
+
+
 def test_the_cli_refuses_an_unknown_preference_key_with_exit_2(tmp_path: Path) -> None:
     (tmp_path / "home").mkdir()
     doc = write(tmp_path, "a.dlm", "  objective: dpo\n  preference:\n    bta: 0.2\n", PREF_BODY, base="smollm2-135m")

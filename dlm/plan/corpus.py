@@ -80,6 +80,7 @@ class CorpusStats:
     n_pinned: int = 0  # held-out examples from pinned `heldout` sections (then nothing else is held out)
     kept_whole: tuple[tuple[str, int], ...] = ()  # (kind, n): too few of that kind to hold any out
     n_preference: int = 0  # training preference triples (counted in n_instruction too)
+    n_headings: int = 0  # training prose pieces that are headings only (a title): no SFT material on their own
     n_preference_heldout: int = 0
 
     @property
@@ -184,6 +185,11 @@ def examples(doc: Doc, system_prompt: str | None = None) -> tuple[Example, ...]:
     return tuple(out)
 
 
+def headings_only(e: Example) -> bool:
+    """A prose piece of nothing but headings (a document's title): trains nothing worth a phase."""
+    return e.kind == "prose" and all(line.lstrip().startswith("#") for line in e.text.splitlines() if line.strip())
+
+
 def _unit(seed: int, ex_id: str) -> float:
     digest = hashlib.sha256(f"{seed}:{ex_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -258,5 +264,6 @@ def stats(
         n_pinned=sum(e.pinned_heldout for e in heldout),
         kept_whole=kept_whole(every, eval_fraction),
         n_preference=sum(e.kind == "preference" for e in train),
+        n_headings=sum(headings_only(e) for e in train),
         n_preference_heldout=sum(e.kind == "preference" for e in heldout),
     )

@@ -188,7 +188,7 @@ def make_plan(
 
 def _decide_objective(t: Training, corpus: CorpusStats, decide: Decide) -> tuple[tuple[str, ...], str]:
     """The phases of the run and DPO's reference (docs/preference.md)."""
-    n_pref, n_other = corpus.n_preference, corpus.n_train - corpus.n_preference
+    n_pref, n_other = corpus.n_preference, corpus.n_train - corpus.n_preference - corpus.n_headings
     if t.objective != "dpo" or n_pref == 0:
         why = "objective sft: every example trains as a target" + (
             f" ({n_pref} preference triples on their chosen answer)" if n_pref else ""

@@ -91,7 +91,7 @@ def _check_something_trains(doc: Doc, train: tuple[Example, ...], heldout: tuple
     """A document with nothing to train on is bad input, at the line that explains it. A title above
     held-out sections is prose too, but training on headings alone would be a silently empty run."""
     pinned = [e for e in heldout if e.pinned_heldout]
-    if any(not _headings_only(e) for e in train) or (train and not pinned):
+    if any(not corpus.headings_only(e) for e in train) or (train and not pinned):
         return
     if not pinned:  # so nothing at all: no example trains, and none was pinned
         raise DlmError(
@@ -130,7 +130,7 @@ def _check_objective(doc: Doc, spec: Spec, train: tuple[Example, ...]) -> None:
             line,
             col,
         )
-    if t.preference.reference == "sft" and all(e.kind == "preference" for e in train):
+    if t.preference.reference == "sft" and all(e.kind == "preference" or corpus.headings_only(e) for e in train):
         line, col = doc.positions.get(("training", "preference", "reference"), (1, 1))
         raise DlmError(
             "'reference': sft needs an SFT phase, and this document has only preference triples to train on",
@@ -139,7 +139,3 @@ def _check_objective(doc: Doc, spec: Spec, train: tuple[Example, ...]) -> None:
             line,
             col,
         )
-
-
-def _headings_only(e: Example) -> bool:
-    return e.kind == "prose" and all(line.lstrip().startswith("#") for line in e.text.splitlines() if line.strip())
