@@ -402,3 +402,13 @@ def test_the_shipped_preference_config_plans_both_phases_and_builds_its_dpo_conf
     assert "reference" in p.plan.estimates.memory_breakdown
     cfg = dpo_config(p.plan, tmp_path)
     assert (cfg.beta, cfg.loss_type, cfg.learning_rate, cfg.save_steps) == (0.1, ["sigmoid"], 1e-4, 3)
+
+
+def test_the_preference_line_shows_adapter_and_base_for_each_part() -> None:
+    from dlm.cli.render import preference_line
+
+    m = {"n": 6, "pref_accuracy": 0.833, "base_pref_accuracy": 0.5, "reward_margin": 0.4123}
+    line = preference_line({"beta": 0.1, "reference": "base", "heldout": m, "train": {"n": 0}})
+    assert (
+        line == "preference: held-out 6 triples: accuracy 0.83 (base 0.50), reward margin +0.412 (beta 0.1, ref base)"
+    )
