@@ -316,6 +316,8 @@ SIDE_KEYS = {
     "answer_f1": (float, type(None)),
     "exact_match": (float, type(None)),
     "seed": (int, type(None)),
+    "pref_accuracy": (float, type(None)),
+    "reward_margin": (float, type(None)),
 }
 VERDICT_KEYS = {
     "metric": str,

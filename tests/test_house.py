@@ -52,6 +52,8 @@ def test_every_shipped_config_binds_to_the_real_lora_and_sft_configs(config: Pat
         lora = peft.LoraConfig(**p.lora_kwargs)
         assert lora.r == p.lora_kwargs["r"] and lora.use_dora == p.lora_kwargs.get("use_dora", False)
         assert set(p.sft_kwargs) <= sft_params, (fixture.stem, set(p.sft_kwargs) - sft_params)
+        dpo_params = set(inspect.signature(trl.DPOConfig).parameters)  # objective dpo (configs/preference.dlm)
+        assert set(p.dpo_kwargs) <= dpo_params, (fixture.stem, set(p.dpo_kwargs) - dpo_params)
     cpu = prepare(config, load_fixture(REPO / "tests" / "fixtures" / "hardware" / "cpu.json")).plan
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

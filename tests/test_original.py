@@ -389,3 +389,52 @@ def test_an_optimizer_that_is_not_a_name_is_a_schema_error(tmp_path: Path, value
     assert [e.line for e in errors_of(info.value)] == [5]
     with pytest.raises(DlmError):
         migrate_text(p.read_text(), str(p))
+
+
+PREFERENCE_DOC = """---
+dlm_id: {id}
+dlm_version: 15
+base_model: smollm2-135m
+training:
+  {key}:
+{block}---
+::preference::
+### Prompt
+How far is it?
+### Chosen
+It is 5 kilometres.
+### Rejected
+It is 3 miles.
+"""
+
+
+def _preference_spec(tmp_path: Path, block: str, key: str = "preference"):
+    p = tmp_path / "pref.dlm"
+    p.write_text(PREFERENCE_DOC.format(id=ID, key=key, block=block))
+    return load_spec(p)[1]
+
+
+@pytest.mark.parametrize("key", ["preference", "dpo"])
+def test_the_original_preference_block_becomes_dlms_dpo(tmp_path: Path, key: str) -> None:
+    block = (
+        "    enabled: true\n    method: dpo\n    hyperparams:\n      beta: 0.2\n      alpha: 0.1\n"
+        "      learning_rate: 5.0e-6\n      num_epochs: 2\n    loss_type: ipo\n    reference: pre_adapter\n"
+    )
+    t = _preference_spec(tmp_path, block, key).training
+    assert t.objective == "dpo"
+    p = t.preference
+    assert (p.beta, p.learning_rate, p.num_epochs, p.loss_type, p.reference) == (0.2, 5e-6, 2, "ipo", "sft")
+
+
+def test_the_original_preference_block_disabled_or_orpo(tmp_path: Path) -> None:
+    t = _preference_spec(tmp_path, "    enabled: false\n    hyperparams:\n      beta: 0.5\n").training
+    assert t.objective == "sft"  # no DPO phase, as that format's enabled: false
+    with pytest.raises(DlmError) as info:
+        _preference_spec(tmp_path, "    method: orpo\n")
+    err = info.value
+    assert (err.line, err.col) == (6, 3) and "method: orpo" in err.message and "dpo" in err.hint
+
+
+def test_dlms_own_preference_block_is_left_alone(tmp_path: Path) -> None:
+    t = _preference_spec(tmp_path, "    beta: 0.3\n    reference: base\n").training
+    assert t.preference.beta == 0.3 and t.preference.reference == "base" and t.objective == "sft"

@@ -215,6 +215,8 @@ _NOTES = {  # training events worth a line above the progress bar
         if d["forward"] == "dlm"
         else f"DoRA: PEFT's own forward ({d['reason']})"
     ),
+    "phase": lambda d: f"phase {d['index']}/{d['of']}: {d['phase']}",
+    "finding": lambda d: f"{d['level']} {d['code']}: {d['message']}",
     "interrupt": lambda d: f"{d['signal']}: saving a checkpoint at the end of this step",
     "checkpoint": lambda d: f"checkpoint {d['path']}",
     "eval": lambda d: (
@@ -516,7 +518,7 @@ def compare(
         str,
         typer.Option(
             "--metric",
-            help="eval_loss (lower is better) | delta_kl | answer_f1 | exact_match (the learning report's held-out answers; higher is better).",
+            help="eval_loss (lower is better) | delta_kl | answer_f1 | exact_match (the learning report's held-out answers; higher is better) | pref_accuracy | reward_margin (objective dpo).",
         ),
     ] = "eval_loss",
     min_gain: Annotated[float, typer.Option("--min-gain", help="B must beat A by this fraction (0.05 = 5%).")] = 0.05,

@@ -80,6 +80,8 @@ def plan(console: Console, path: str, plan: Any, base: Any, hardware: Any, corpu
     console.print(table)
     console.print(escape(kwargs_call("LoraConfig", plan.lora_kwargs)), highlight=False, soft_wrap=True)
     console.print(escape(kwargs_call("SFTConfig", plan.sft_kwargs)), highlight=False, soft_wrap=True)
+    if plan.dpo_kwargs:  # objective dpo: the DPO phase's config (docs/preference.md)
+        console.print(escape(kwargs_call("DPOConfig", plan.dpo_kwargs)), highlight=False, soft_wrap=True)
     console.print(escape(kwargs_call("from_pretrained", plan.model_kwargs)), highlight=False, soft_wrap=True)
     if getattr(plan, "runtime_kwargs", None):  # settings train.py applies itself
         console.print(escape(kwargs_call("runtime", plan.runtime_kwargs)), highlight=False, soft_wrap=True)
@@ -87,7 +89,8 @@ def plan(console: Console, path: str, plan: Any, base: Any, hardware: Any, corpu
     label = "measured" if est.measured else "estimated"
     console.print(
         f"{label}: {est.optimizer_steps} optimizer steps x {est.tokens_per_step} tokens, "
-        f"peak memory {gib(est.peak_memory_bytes)}, {est.step_seconds:.2f} s/step, "
+        + (f"then {plan.decision('dpo_steps')} DPO steps, " if getattr(plan, "phases", ()) == ("sft", "dpo") else "")
+        + f"peak memory {gib(est.peak_memory_bytes)}, {est.step_seconds:.2f} s/step, "
         f"total {duration(est.total_seconds)}",
         highlight=False,
     )
@@ -220,8 +223,27 @@ def trained(console: Console, outcome: Any, home: Any) -> None:
     )
     if s.learning:
         learning(console, s.learning)
+    if s.preference:
+        console.print(f"[bold]{preference_line(s.preference)}[/]", highlight=False, soft_wrap=True)
     console.print(f"version {outcome.version} -> {escape(str(store / 'adapter'))}", highlight=False)
     console.print(f"store: {escape(str(store))}", highlight=False)
+
+
+def preference_line(found: dict[str, Any]) -> str:
+    """`preference: held-out 5 triples: accuracy 0.80 (base 0.40), reward margin +0.412; training ...`"""
+    parts = []
+    for part, name in (("heldout", "held-out"), ("train", "training")):
+        m = found.get(part) or {}
+        if m.get("n"):
+            parts.append(
+                f"{name} {m['n']} triples: accuracy {m['pref_accuracy']:.2f} (base {m['base_pref_accuracy']:.2f}), "
+                f"reward margin {m['reward_margin']:+.3f}"
+            )
+    return (
+        "preference: "
+        + ("; ".join(parts) or "no triples measured")
+        + f" (beta {found.get('beta')}, ref {found.get('reference')})"
+    )
 
 
 def learning(console: Console, report: dict[str, Any], examples: int = 0) -> None:
@@ -285,6 +307,8 @@ def store_listing(console: Console, info: dict[str, Any]) -> None:
         console.print(f"{v['version']}: {v['bytes'] / 2**20:.1f} MiB, run {v['run']}", highlight=False)
         if v.get("learning"):
             console.print(f"  {escape(v['learning']['line'])}", highlight=False, soft_wrap=True)
+        if v.get("preference"):
+            console.print(f"  {preference_line(v['preference'])}", highlight=False, soft_wrap=True)
     for note in notes:
         console.print(escape(note), highlight=False, soft_wrap=True)
 
@@ -321,7 +345,9 @@ def comparison(console: Console, comp: Any) -> None:
     )
     f1 = any(s.answer_f1 is not None for s in comp.sides)  # a column only when a learning report has it
     # exact match is in the JSON only: a twelfth column would not fit 80 columns
-    cols = ("side", "loss", "ppl", "delta_kl", *(("F1",) if f1 else ()), "s/step", "train", "peak mem")
+    pref = any(s.pref_accuracy is not None for s in comp.sides)  # objective dpo: preference figures
+    cols = ("side", "loss", "ppl", "delta_kl", *(("F1",) if f1 else ()), *(("pref acc", "margin") if pref else ()))
+    cols = (*cols, "s/step", "train", "peak mem")
     for col in (*cols, "trainable", "size"):
         table.add_column(col, justify="left" if col == "side" else "right", no_wrap=True)
     for s in comp.sides:
@@ -332,6 +358,7 @@ def comparison(console: Console, comp: Any) -> None:
             ppl,
             num(s.delta_kl, ".3g"),
             *((num(s.answer_f1, ".2f"),) if f1 else ()),
+            *((num(s.pref_accuracy, ".2f"), num(s.reward_margin, "+.3f")) if pref else ()),
             num(s.steady_step_seconds, ".3f"),
             duration(s.train_seconds) if s.train_seconds is not None else "-",
             gib(s.peak_memory_bytes) if s.peak_memory_bytes else "-",

@@ -104,8 +104,13 @@ def twin(text: str, doc: Doc, new_id: str, overrides: list[tuple[tuple[str, ...]
         root = yaml.compose("\n".join(lines[first:end]) + "\n")
         parent, node = _node(root, keys)
         name = ".".join(keys)
-        if node is None and len(keys) > 2:
+        if node is None and len(keys) > 2 and (keys[:2] != ("training", "preference") or len(keys) > 3):
             raise DlmError(f"--set {name}: nesting that deep is not in the schema", "see docs/format.md")
+        if node is None and len(keys) > 2 and parent is None:  # training.preference.X needs its block written
+            raise DlmError(
+                f"--set {name}: the document has no '{'.'.join(keys[:-1])}' block to add it to",
+                f"write `{keys[-2]}:` under {keys[-3]}: by hand first (docs/format.md)",
+            )
         if node is not None:
             lines = _replace(lines, first, parent, node, name, value)
         elif parent is not None and parent.flow_style:

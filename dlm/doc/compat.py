@@ -35,16 +35,10 @@ REFUSED: dict[str, tuple[str, str]] = {
         "the tokenized-section cache settings (training.cache)",
         "remove it: dlm keeps its own token-count cache, with nothing to set",
     ),
-    "preference": (
-        "the preference phase (training.preference, DPO/ORPO)",
-        "remove it: dlm has no DPO/ORPO phase; a ::preference:: section trains its chosen answer as the target",
-    ),
-    "dpo": (
-        "the preference phase under its old name (training.dpo, renamed training.preference in later versions)",
-        "remove it: dlm has no DPO/ORPO phase; a ::preference:: section trains its chosen answer as the target",
-    ),
 }
 Position = tuple[int, int]
+ORIGINAL_PREFERENCE = {"enabled", "method", "hyperparams"}  # keys only that format's preference block has
+REFERENCES = {"pre_adapter": "sft", "base": "base"}  # its names for the DPO reference -> ours
 
 
 def translate(
@@ -74,12 +68,74 @@ def translate(
                 line, col = pos.get(("training", key)) or pos.get(("training",)) or (1, 1)
                 errors.append(DlmError(f"not supported by dlm: {feature}", instead, path, line, col))
                 del t[key]
+        if "dpo" in t:  # the preference block under its old name
+            if "preference" in t:
+                line, col = pos.get(("training", "dpo")) or (1, 1)
+                errors.append(
+                    DlmError(
+                        "training.dpo and training.preference are one block under two names",
+                        "keep training.preference (dpo is its old name)",
+                        path,
+                        line,
+                        col,
+                    )
+                )
+            else:
+                t["preference"] = t["dpo"]
+                _move(pos, ("training", "dpo"), ("training", "preference"))
+            del t["dpo"]
+        if isinstance(t.get("preference"), Mapping) and _original_preference(t["preference"]):
+            _preference(t, pos, path, errors)
         if isinstance(t.get("optimizer"), str) and t["optimizer"] in OPTIMIZERS:
             t["optimizer"] = OPTIMIZERS[t["optimizer"]]
         if "precision" in t and t["precision"] is None:
             t["precision"] = "auto"  # that format's null: let the planner pick
         out["training"] = t
     return out, pos, errors
+
+
+def _original_preference(block: Mapping[str, Any]) -> bool:
+    return bool(ORIGINAL_PREFERENCE & set(block)) or block.get("reference") == "pre_adapter"
+
+
+def _move(pos: dict[tuple, Position], old: tuple, new: tuple) -> None:
+    """Positions under `old` re-keyed under `new` (a block that moved or was renamed)."""
+    for key in [k for k in pos if k[: len(old)] == old]:
+        pos[new + key[len(old) :]] = pos[key]
+
+
+def _preference(t: dict[str, Any], pos: dict[tuple, Position], path: str | None, errors: list[DlmError]) -> None:
+    """That format's preference block (`enabled`, `method`, `hyperparams{beta, alpha, learning_rate,
+    num_epochs}`, `loss_type`, `reference: base | pre_adapter`) as dlm's `objective: dpo` +
+    `training.preference`. ORPO is refused; `enabled: false` drops the block (no DPO phase)."""
+    block, out = dict(t["preference"]), {}
+    where = pos.get(("training", "preference")) or (1, 1)
+    if block.get("method", "dpo") != "dpo":
+        errors.append(
+            DlmError(
+                f"not supported by dlm: training.preference.method: {block['method']} (dlm trains DPO only)",
+                "write method: dpo (or remove the key), or remove the preference block",
+                path,
+                *where,
+            )
+        )
+        del t["preference"]
+        return
+    if block.get("enabled") is False:
+        del t["preference"]
+        return
+    raw = block.get("hyperparams")
+    hyper: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    for key in ("beta", "learning_rate", "num_epochs"):
+        if key in hyper:
+            out[key] = hyper[key]
+            _move(pos, ("training", "preference", "hyperparams", key), ("training", "preference", key))
+    for key, value in block.items():
+        if key in ("enabled", "method", "hyperparams"):
+            continue
+        out[key] = REFERENCES.get(value, value) if key == "reference" else value
+    t["preference"] = out
+    t.setdefault("objective", "dpo")
 
 
 def version_note(version: int) -> str:

@@ -56,9 +56,34 @@ class Source(_Frozen):
     max_bytes_per_file: int | None = Field(None, ge=1, description="skip (and count) larger files")
 
 
+class Preference(_Frozen):
+    """`training.preference:` — the DPO phase's knobs (docs/preference.md)."""
+
+    beta: float = Field(
+        0.1, gt=0, le=10, description="strength of the pull toward the reference: higher keeps the adapter closer"
+    )
+    loss_type: Literal["sigmoid", "ipo", "sigmoid_norm", "hinge"] = Field(
+        "sigmoid",
+        description="TRL's DPO loss: sigmoid (DPO), ipo, sigmoid_norm (length-normalised DPO) or hinge (SLiC)",
+    )
+    learning_rate: float = Field(5e-5, gt=0, le=1e-2, description="the DPO phase's peak learning rate")
+    num_epochs: float = Field(3, gt=0, le=1000, description="passes over the preference triples")
+    reference: Literal["base", "sft"] | None = Field(
+        None,
+        description="the model the DPO loss compares against: base = the adapter switched off, sft = the SFT "
+        "phase's adapter, frozen; unset: sft when the document also has SFT examples, else base",
+    )
+
+
 class Training(_Frozen):
     """`training:` — every knob of the run. Defaults follow PEFT / axolotl / mlx-lm (see docs/format.md)."""
 
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft = every example trains as a target (a preference's chosen answer); dpo = preference "
+        "triples train with DPO, after an SFT phase on the other examples when there are any",
+    )
+    preference: Preference = Field(default_factory=Preference, description="the DPO phase's knobs")
     adapter: Adapter = Field("lora", description="the adapter; qlora also loads the base in 4-bit")
     lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
@@ -215,14 +240,17 @@ _SYNONYMS = {
     "warmup_steps": "warmup_ratio",
     "activation_checkpointing": "gradient_checkpointing",
 }
-_NESTED: dict[str, type[BaseModel]] = {"training": Training, "export": Export}
+_NESTED: dict[str, type[BaseModel]] = {"training": Training, "export": Export, "preference": Preference}
 Position = tuple[int, int]
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Spec
     for part in loc[:-1]:
-        model = Source if part == "sources" else _NESTED.get(part, model) if model is Spec else model
+        if part == "sources":
+            model = Source
+        elif isinstance(part, str) and model in (Spec, Training):
+            model = _NESTED.get(part, model)
     return list(model.model_fields)
 
 
@@ -253,7 +281,13 @@ def _locate(loc: tuple[Any, ...], positions: Mapping[tuple, Position]) -> Positi
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # Pydantic adds the union member it tried ('list[str]', "literal['auto']", 'int') to the loc;
     # keep only real keys and list indexes. Unknown keys are kept as the last part.
-    known = set(Spec.model_fields) | set(Training.model_fields) | set(Export.model_fields) | set(Source.model_fields)
+    known = (
+        set(Spec.model_fields)
+        | set(Training.model_fields)
+        | set(Export.model_fields)
+        | set(Source.model_fields)
+        | set(Preference.model_fields)
+    )
     kept = [p for p in loc[:-1] if isinstance(p, int) or p in known]
     last = loc[-1] if loc else None
     if last is not None and (isinstance(last, int) or last in known or len(kept) == len(loc) - 1):
@@ -292,7 +326,12 @@ def _describe(ann: Any) -> str:
 
 
 def _hint_for(key: str) -> str:
-    field = Training.model_fields.get(key) or Spec.model_fields.get(key) or Export.model_fields.get(key)
+    field = (
+        Training.model_fields.get(key)
+        or Spec.model_fields.get(key)
+        or Export.model_fields.get(key)
+        or Preference.model_fields.get(key)
+    )
     if key == "dlm_version":
         return (
             f"dlm reads version {SCHEMA_VERSION} and DocumentLanguageModel's {ORIGINAL_VERSIONS[0]} to "

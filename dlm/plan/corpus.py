@@ -50,7 +50,7 @@ class Example:
     text: str = ""  # prose
     prompt: str = ""  # instruction / preference
     completion: str = ""  # answer / chosen
-    rejected: str = ""  # preference only (kept for evaluation; SFT trains on the chosen answer)
+    rejected: str = ""  # preference only (objective sft trains on the chosen answer; dpo on the pair)
     system: str | None = None
     pinned_heldout: bool = False
     # A multi-turn conversation's earlier exchanges, (question, answer) in order; `prompt` and
@@ -83,6 +83,9 @@ class CorpusStats:
     kept_whole: tuple[tuple[str, int], ...] = ()  # (kind, n): too few of that kind to hold any out
     sources: tuple[tuple[str, int, int], ...] = ()  # `training.sources`: (path, files read, their tokens)
     skipped: tuple[tuple[str, str, int], ...] = ()  # (source path, why, files): binary, not UTF-8, ...
+    n_preference: int = 0  # training preference triples (counted in n_instruction too)
+    n_headings: int = 0  # training prose pieces that are headings only (a title): no SFT material on their own
+    n_preference_heldout: int = 0
 
     @property
     def mean_tokens(self) -> float:
@@ -186,6 +189,11 @@ def examples(doc: Doc, system_prompt: str | None = None) -> tuple[Example, ...]:
     return tuple(out)
 
 
+def headings_only(e: Example) -> bool:
+    """A prose piece of nothing but headings (a document's title): trains nothing worth a phase."""
+    return e.kind == "prose" and all(line.lstrip().startswith("#") for line in e.text.splitlines() if line.strip())
+
+
 def _unit(key: str, ex_id: str) -> float:
     digest = hashlib.sha256(f"{key}:{ex_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -283,4 +291,7 @@ def stats(
             (r.path, len(r.files), sum(tokens(e) for e in every if e.source in set(r.files))) for r in sources
         ),
         skipped=tuple((r.path, why, n) for r in sources for why, n in r.skipped),
+        n_preference=sum(e.kind == "preference" for e in train),
+        n_headings=sum(headings_only(e) for e in train),
+        n_preference_heldout=sum(e.kind == "preference" for e in heldout),
     )

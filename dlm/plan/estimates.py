@@ -153,16 +153,22 @@ class MemoryModel:
     qlora: bool
     adapter: AdapterShape
     row_len: int  # tokens a row holds in memory: sequence_len when packing, else the longest row (padding)
+    # DPO: every row is two sequences (chosen and rejected, one batch of 2 x micro), and a reference
+    # forward (the adapter switched off, no gradient) runs while the policy's activations are held.
+    pairs: bool = False
 
     @property
     def budget(self) -> int:
         return memory_budget(self.hw)
 
     def breakdown(self, micro: int, ckpt: bool) -> dict[str, int]:
-        tokens = micro * self.row_len
-        return memory_breakdown(
+        tokens = micro * self.row_len * (2 if self.pairs else 1)
+        parts = memory_breakdown(
             self.hw, self.base, self.optimizer, self.precision, self.qlora, self.adapter, tokens, ckpt
         )
+        if self.pairs:
+            parts["reference"] = reference_forward_bytes(self.base, self.precision, tokens)
+        return parts
 
     def peak(self, micro: int, ckpt: bool) -> int:
         return sum(self.breakdown(micro, ckpt).values())
@@ -206,6 +212,24 @@ def memory_breakdown(
         "logits": tokens * base.vocab_size * (wb + 8),  # logits, their fp32 upcast for the loss, its gradient
         "overhead": int(OVERHEAD[hw.device]),
     }
+
+
+def reference_forward_bytes(base: BaseFacts, precision: str, tokens: int) -> int:
+    """DPO's reference forward under no_grad, on top of the policy's kept activations: it keeps no
+    activations, so its peak is one layer's working set plus its logits and their fp32 log-softmax
+    for the `tokens` of the batch (chosen and rejected). The same weights serve it (the adapter is
+    switched off, or a second adapter is switched on): no second copy of the model."""
+    wb = 4 if precision == "fp32" else 2
+    layer = ACT_PER_HIDDEN * base.hidden_size + ACT_PER_INTER * base.intermediate_size
+    return tokens * (layer * wb + base.vocab_size * (wb + 4))
+
+
+def dpo_step_seconds(sft_step_s: float, base: BaseFacts, ad: AdapterShape) -> float:
+    """A DPO step from an SFT step of the same rows: twice the tokens (chosen and rejected), plus the
+    reference forward, which costs 2 x n_eff FLOPs a token against training's 4 x n_eff + 6 x params."""
+    n_eff = base.n_params - (0 if base.tie_embeddings else base.vocab_size * base.hidden_size)
+    train = 4 * n_eff + 6 * ad.params
+    return 2 * sft_step_s * (train + 2 * n_eff) / train
 
 
 def _flops_rate(hw: HardwareFacts, precision: str) -> float:

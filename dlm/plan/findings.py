@@ -40,6 +40,9 @@ DORA_HIGH_RANK = 32
 DORA_SHORT_RUN_STEPS = 500
 FEW_STEPS = 20
 LORA_LOW_LR = 2e-5  # TRL's full-fine-tune default; LoRA wants ~10x
+DPO_LR_HIGH = 1e-4  # above this a DPO rate is SFT-sized (LoRA DPO recipes use 5e-6..5e-5); both rewards fall
+DPO_FEW_PAIRS = 8  # fewer training triples than one default effective batch
+DPO_BETA_LOW, DPO_BETA_HIGH = 0.01, 1.0  # outside: no pull toward the reference, or no room to move
 GIB = 2**30
 # `heldout-too-small`: `dlm compare` resolves its default --min-gain of 5% only when the half-width of
 # its 95% bootstrap interval is under 5%. The interval's half-width is about 1.96 x s / sqrt(n), with s
@@ -78,6 +81,7 @@ class Derived:
     sharding: str = "none"  # none | fsdp | zero0..zero3
     sequence_len: int = 0  # the decided max_length: longer examples are cut
     galore_rank: int = 0  # the decided GaLore projection rank (auto resolved; plan/optional.py)
+    phases: tuple[str, ...] = ("sft",)  # the run's phases: sft, dpo, or both (objective: dpo)
 
 
 Add = Callable[..., None]  # add(level, code, message, hint, tag="", **evidence) records one Finding
@@ -323,7 +327,7 @@ def _speed_warnings(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: Corp
 def _run_warnings(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add) -> None:
     """Warnings: a run that will learn little, or runs code from the model."""
     t = spec.training
-    if t.learning_rate <= LORA_LOW_LR:  # every adapter here is a LoRA variant
+    if t.learning_rate <= LORA_LOW_LR and "sft" in d.phases:  # every adapter here is a LoRA variant
         add(
             "warn",
             "lora-lr-low",
@@ -541,6 +545,62 @@ def _run_infos(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusSta
         )
 
 
+def _preference_rules(
+    spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, d: Derived, add: Add
+) -> None:
+    """objective: dpo (docs/preference.md): a rate, pair count or beta that will not train well, no SFT phase."""
+    if "dpo" not in d.phases:
+        return
+    p = spec.training.preference
+    if p.learning_rate > DPO_LR_HIGH:
+        add(
+            "warn",
+            "dpo-lr-high",
+            f"preference.learning_rate {p.learning_rate:g} is an SFT-sized rate: DPO at it tends to push both "
+            "the chosen and the rejected answers' likelihood down together",
+            "try preference.learning_rate: 5.0e-5 (LoRA DPO recipes use 5e-6 to 5e-5)",
+            f"{p.learning_rate:g}>{DPO_LR_HIGH:g}",
+            learning_rate=p.learning_rate,
+            threshold=DPO_LR_HIGH,
+        )
+    if corpus.n_preference < DPO_FEW_PAIRS:
+        add(
+            "warn",
+            "dpo-few-pairs",
+            f"only {corpus.n_preference} preference triples to train on: DPO learns a direction from pairs, "
+            "and this few mostly teaches the pairs themselves",
+            f"write at least {DPO_FEW_PAIRS} ::preference:: triples",
+            f"{corpus.n_preference}<{DPO_FEW_PAIRS}",
+            pairs=corpus.n_preference,
+            threshold=DPO_FEW_PAIRS,
+        )
+    if not DPO_BETA_LOW <= p.beta <= DPO_BETA_HIGH:
+        low = p.beta < DPO_BETA_LOW
+        add(
+            "warn",
+            "dpo-beta-extreme",
+            f"preference.beta {p.beta:g} is "
+            + (
+                "so low that nothing holds the adapter near the reference"
+                if low
+                else "so high that the adapter can barely move from the reference"
+            ),
+            "beta between 0.05 and 0.5 is usual; 0.1 is the default",
+            f"{p.beta:g}",
+            beta=p.beta,
+            low=DPO_BETA_LOW,
+            high=DPO_BETA_HIGH,
+        )
+    if "sft" not in d.phases:
+        add(
+            "info",
+            "dpo-without-sft",
+            "DPO only: the base never saw the chosen answers' format before it learns to prefer them",
+            "add ::instruction:: examples (an SFT phase runs first), or accept it for a style the base already writes",
+            pairs=corpus.n_preference,
+        )
+
+
 # What `collect` runs, in order: within a level, findings come out in the order their rules are written.
 _RULES = (
     _machine_blocks,
@@ -552,6 +612,7 @@ _RULES = (
     _corpus_warnings,
     _dora_infos,
     _run_infos,
+    _preference_rules,
 )
 
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from dlm.doc.schema import Training
+from dlm.doc.schema import Preference, Training
 from dlm.plan.batch import Batch
 from dlm.plan.hardware import HardwareFacts
 
@@ -115,3 +115,20 @@ def model_kwargs(
             f"stored as {dtype} (uint8 storage fails to flatten)",
         )
     return {"dtype": dtype, "attn_implementation": attn, "quantization": quant}
+
+
+SFT_ONLY = ("packing", "completion_only_loss")  # SFTConfig kwargs DPOConfig does not take
+
+
+def dpo_kwargs(sft: dict[str, Any], p: Preference) -> dict[str, Any]:
+    """`trl.DPOConfig(output_dir=..., **...)`: the SFT phase's batch, precision, seed and schedule,
+    with the preference block's rate, epochs, beta and loss. `max_steps` (spec or `--max-steps`)
+    bounds each phase."""
+    kw = {k: v for k, v in sft.items() if k not in SFT_ONLY}
+    kw.update(
+        learning_rate=p.learning_rate,
+        num_train_epochs=float(p.num_epochs),
+        beta=p.beta,
+        loss_type=[p.loss_type],
+    )
+    return kw

@@ -10,6 +10,7 @@ turns them into `LoraConfig`, `SFTConfig` and `from_pretrained` arguments); the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,10 +22,18 @@ from dlm.plan.batch import Batch, size_batch
 from dlm.plan.budget import learning_epochs
 from dlm.plan.corpus import CorpusStats
 from dlm.plan.dora import decide_forward
-from dlm.plan.estimates import Estimates, MemoryModel, adapter_shape, estimate, matches_a_layer, step_seconds
+from dlm.plan.estimates import (
+    Estimates,
+    MemoryModel,
+    adapter_shape,
+    dpo_step_seconds,
+    estimate,
+    matches_a_layer,
+    step_seconds,
+)
 from dlm.plan.findings import Derived, Finding, Level, Purpose, collect, reason_line
 from dlm.plan.hardware import HardwareFacts
-from dlm.plan.kwargs import lora_kwargs, model_kwargs, sft_extras, sft_kwargs
+from dlm.plan.kwargs import dpo_kwargs, lora_kwargs, model_kwargs, sft_extras, sft_kwargs
 from dlm.plan.optional import decide_galore_rank, decide_report_to
 
 __all__ = ["Decision", "Finding", "Level", "Plan", "Purpose", "make_plan"]
@@ -57,6 +66,12 @@ class Plan:
     # {"report_to": "tensorboard"}: dlm writes the run's TensorBoard log itself (dlm/train/logs.py).
     runtime_kwargs: dict[str, Any] = field(default_factory=dict)
     sharding: str = "none"  # none (one process or DDP) | fsdp | zero0..zero3 (DeepSpeed), from the launcher
+    # The phases of one `dlm train`, in order: ("sft",), ("dpo",) or ("sft", "dpo") (objective: dpo with
+    # both kinds of examples); `dpo_kwargs` -> trl.DPOConfig(output_dir=..., **dpo_kwargs) for the DPO
+    # phase, `reference` the model its loss compares against (base | sft).
+    phases: tuple[str, ...] = ("sft",)
+    dpo_kwargs: dict[str, Any] = field(default_factory=dict)
+    reference: str = ""
 
     @property
     def blocked(self) -> bool:
@@ -99,10 +114,11 @@ def make_plan(
         decisions.append(Decision(key, value, reason))
         return value
 
+    phases, reference = _decide_objective(t, corpus, decide)
     kind = _decide_kind(t, hw, given, decide)
     targets, missing = _decide_targets(t, base, decide)
     seq = _decide_sequence_len(t, base, corpus, given, decide)
-    memory = _memory_model(t, hw, base, corpus, kind, targets, seq)
+    memory = _memory_model(t, hw, base, corpus, kind, targets, seq, pairs="dpo" in phases)
     batch = size_batch(t, hw, corpus, seq, memory, world)
     _decide_batch(batch, world, sharding, decide)
     optim = _decide_optimizer(t, hw, given, decide)
@@ -111,8 +127,12 @@ def make_plan(
     step_s = step_seconds(
         hw, base, spec, kind.precision, memory.adapter, batch.micro, batch.accum, row_tokens, batch.ckpt
     )
-    t, steps = _decide_steps(t, batch, world, step_s, given, decide)
+    sft_rows = corpus.n_train - corpus.n_preference if "dpo" in phases else batch.n_rows  # triples go to DPO
+    t, steps = _decide_steps(t, dataclasses.replace(batch, n_rows=max(1, sft_rows)), world, step_s, given, decide)
     estimates = estimate(memory, batch.micro, batch.accum, batch.ckpt, world, steps, step_s, row_tokens)
+    if "dpo" in phases:
+        estimates = _dpo_estimates(t, corpus, batch, world, step_s, memory, phases, estimates, decide)
+        steps = estimates.optimizer_steps if phases == ("dpo",) else steps
     eval_steps, save_steps = _decide_eval_and_save(t, corpus, steps, step_s, decide)
 
     lora = lora_kwargs(t, targets, kind.dora)
@@ -135,14 +155,96 @@ def make_plan(
         sharding=sharding,
         sequence_len=seq,
         galore_rank=int(t.galore_rank),  # decided above: never 'auto' here
+        phases=phases,
     )
     findings = collect(spec, hw, base, corpus, derived)
     runtime = {**_runtime_kwargs(t, hw, kind.dora_fast, world, decide), **decide_report_to(t, decide)}
-    reason = _reason(t, kind, optim, findings)
-    return Plan(tuple(decisions), lora, sft, model, findings, estimates, reason, world, runtime, sharding)
+    reason = _reason(t, kind, optim, findings, phases, reference)
+    dpo = dpo_kwargs(sft, t.preference) if "dpo" in phases else {}
+    if "sft" in phases and dpo:  # the DPO phase's own evaluation and checkpoint cadence, as the SFT phase's
+        n = next(d.value for d in decisions if d.key == "dpo_steps")
+        dpo_s = next(d.value for d in decisions if d.key == "dpo_step_seconds")
+        dpo["save_steps"] = t.save_steps or max(1, min(math.ceil(n / 4), math.ceil(600 / dpo_s)))
+        dpo["eval_strategy"], dpo["eval_steps"] = "steps", t.eval_steps or max(1, math.ceil(n / 4))
+    return Plan(
+        tuple(decisions),
+        lora,
+        sft,
+        model,
+        findings,
+        estimates,
+        reason,
+        world,
+        runtime,
+        sharding,
+        phases,
+        dpo,
+        reference,
+    )
 
 
 # --- the groups of decisions, in the order make_plan takes them ------------------------------------
+
+
+def _decide_objective(t: Training, corpus: CorpusStats, decide: Decide) -> tuple[tuple[str, ...], str]:
+    """The phases of the run and DPO's reference (docs/preference.md)."""
+    n_pref, n_other = corpus.n_preference, corpus.n_train - corpus.n_preference - corpus.n_headings
+    if t.objective != "dpo" or n_pref == 0:
+        why = "objective sft: every example trains as a target" + (
+            f" ({n_pref} preference triples on their chosen answer)" if n_pref else ""
+        )
+        return decide("phases", ("sft",), why), ""
+    if n_other:
+        phases = decide(
+            "phases",
+            ("sft", "dpo"),
+            f"objective dpo: SFT on the {n_other} other examples, then DPO on the {n_pref} triples, "
+            "on the SFT adapter, in one run",
+        )
+    else:
+        phases = decide("phases", ("dpo",), f"objective dpo: DPO only, on the {n_pref} preference triples")
+    written = t.preference.reference
+    ref = written or ("sft" if n_other else "base")
+    why = "from the spec" if written else ("unset: the SFT phase's adapter" if n_other else "unset: no SFT phase")
+    ref = decide(
+        "reference",
+        ref,
+        f"{why}; {'the base with the adapter switched off' if ref == 'base' else 'a frozen copy of the SFT adapter'}, "
+        "never a second copy of the model",
+    )
+    return phases, ref
+
+
+def _dpo_estimates(
+    t: Training,
+    corpus: CorpusStats,
+    b: Batch,
+    world: int,
+    sft_step_s: float,
+    memory: MemoryModel,
+    phases: tuple[str, ...],
+    est: Estimates,
+    decide: Decide,
+) -> Estimates:
+    """The DPO phase's steps and seconds; a run with an SFT phase adds them to its own."""
+    p = t.preference
+    per_epoch = max(1, math.ceil(math.ceil(corpus.n_preference / (b.micro * world)) / b.accum))
+    if t.max_steps:
+        steps = decide("dpo_steps", t.max_steps, f"max_steps {t.max_steps} from the spec (each phase)")
+    else:
+        steps = decide(
+            "dpo_steps",
+            math.ceil(p.num_epochs * per_epoch),
+            f"ceil(ceil({corpus.n_preference} triples / ({b.micro} x {world})) / {b.accum}) = {per_epoch} per "
+            f"epoch x {p.num_epochs:g} epochs",
+        )
+    step_s = dpo_step_seconds(sft_step_s, memory.base, memory.adapter)
+    decide("dpo_step_seconds", round(step_s, 3), "two sequences a row plus the reference forward (no gradient)")
+    if phases == ("dpo",):
+        return dataclasses.replace(
+            est, optimizer_steps=steps, step_seconds=round(step_s, 3), total_seconds=round(steps * step_s, 1)
+        )
+    return dataclasses.replace(est, total_seconds=round(est.total_seconds + steps * step_s, 1))
 
 
 def _decide_kind(t: Training, hw: HardwareFacts, given: set[str], decide: Decide) -> _Kind:
@@ -215,7 +317,15 @@ def _decide_sequence_len(t: Training, base: BaseFacts, corpus: CorpusStats, give
 
 
 def _memory_model(
-    t: Training, hw: HardwareFacts, base: BaseFacts, corpus: CorpusStats, kind: _Kind, targets: list[str], seq: int
+    t: Training,
+    hw: HardwareFacts,
+    base: BaseFacts,
+    corpus: CorpusStats,
+    kind: _Kind,
+    targets: list[str],
+    seq: int,
+    *,
+    pairs: bool = False,
 ) -> MemoryModel:
     return MemoryModel(
         hw,
@@ -225,6 +335,7 @@ def _memory_model(
         kind.qlora,
         adapter_shape(base, targets, t.lora_r, kind.dora, t.lora_dropout > 0),
         seq if t.packing else max(1, min(seq, corpus.max_tokens)),  # padded to the longest row in a batch
+        pairs,
     )
 
 
@@ -322,7 +433,9 @@ def _runtime_kwargs(t: Training, hw: HardwareFacts, fast: bool, world: int, deci
     return runtime
 
 
-def _reason(t: Training, kind: _Kind, optim: str, findings: tuple[Finding, ...]) -> str:
+def _reason(
+    t: Training, kind: _Kind, optim: str, findings: tuple[Finding, ...], phases: tuple[str, ...], ref: str
+) -> str:
     head = {
         "precision": kind.precision,
         "attn": kind.attn,
@@ -330,6 +443,8 @@ def _reason(t: Training, kind: _Kind, optim: str, findings: tuple[Finding, ...])
         "adapter": t.adapter,
         "optim": optim,
     }
+    if "dpo" in phases:
+        head["objective"] = f"{'sft+' if 'sft' in phases else ''}dpo(beta={t.preference.beta:g}, ref={ref})"
     return reason_line(head, findings)
 
 

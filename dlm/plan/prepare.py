@@ -78,6 +78,7 @@ def prepare(
     examples = corpus.examples(doc, spec.system_prompt)
     train, heldout = corpus.split(examples, spec.training.split_seed, spec.training.eval_fraction)
     _check_something_trains(doc, train, heldout)
+    _check_objective(doc, spec, train)
     counts, why = None, "the base's tokenizer was not looked for"
     if base_folder is not None or home is not None:
         try:
@@ -104,7 +105,7 @@ def _check_something_trains(doc: Doc, train: tuple[Example, ...], heldout: tuple
     """A document with nothing to train on is bad input, at the line that explains it. A title above
     held-out sections is prose too, but training on headings alone would be a silently empty run."""
     pinned = [e for e in heldout if e.pinned_heldout]
-    if any(not _headings_only(e) for e in train) or (train and not pinned):
+    if any(not corpus.headings_only(e) for e in train) or (train and not pinned):
         return
     if not pinned:  # so nothing at all: no example trains, and none was pinned
         raise DlmError(
@@ -127,5 +128,28 @@ def _check_something_trains(doc: Doc, train: tuple[Example, ...], heldout: tuple
     )
 
 
-def _headings_only(e: Example) -> bool:
-    return e.kind == "prose" and all(line.lstrip().startswith("#") for line in e.text.splitlines() if line.strip())
+def _check_objective(doc: Doc, spec: Spec, train: tuple[Example, ...]) -> None:
+    """`objective: dpo` needs preference triples to train on; `reference: sft` needs an SFT phase."""
+    t = spec.training
+    if t.objective != "dpo":
+        return
+    n_pref = sum(e.kind == "preference" for e in train)
+    if n_pref == 0:
+        line, col = doc.positions.get(("training", "objective"), (1, 1))
+        raise DlmError(
+            "'objective': dpo needs preference triples to train on, and this document has none"
+            + (" outside held-out sections" if any(s.kind == "preference" for s in doc.sections) else ""),
+            "add a ::preference:: section (### Prompt / ### Chosen / ### Rejected), or set objective: sft",
+            doc.path,
+            line,
+            col,
+        )
+    if t.preference.reference == "sft" and all(e.kind == "preference" or corpus.headings_only(e) for e in train):
+        line, col = doc.positions.get(("training", "preference", "reference"), (1, 1))
+        raise DlmError(
+            "'reference': sft needs an SFT phase, and this document has only preference triples to train on",
+            "write reference: base, or add ::instruction:: / prose examples for an SFT phase before DPO",
+            doc.path,
+            line,
+            col,
+        )

@@ -94,6 +94,7 @@ def describe(path: str | Path, home: Path) -> dict[str, Any]:
                 "doc_sha256": summary.get("doc_sha256"),
                 "bytes": sum(p.stat().st_size for p in v.rglob("*") if p.is_file()),
                 "learning": metrics.get("learning"),  # the learning report (null: none was made)
+                "preference": metrics.get("preference"),  # objective dpo: accuracy and margin (null: sft)
             }
         )
     current_summary = next((v for v in versions if folder is not None and v["version"] == folder.name), None)

@@ -112,7 +112,7 @@ def progress_callback(loop: LoopState, log_path: Path, on_step: OnStep | None, o
                 if not math.isfinite(entry["loss"]):
                     loop.failed = f"training loss became {entry['loss']} at step {state.global_step}"
                     control.should_training_stop = True
-            entry.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+            entry.update({k: v for k, v in logs.items() if k.startswith(("eval_", "rewards/"))})  # DPO: rewards/margins
             if len(entry) > 2:
                 _append_log(log_path, entry)
                 on_event("log", entry)

@@ -93,6 +93,10 @@ class RunSummary:
     message: str = ""
     log_history: tuple[dict, ...] = field(default_factory=tuple)
     learning: dict[str, Any] | None = None  # the learning report (dlm/train/learning.py), when asked for
+    # objective dpo: {"heldout": {...}, "train": {...}} from `preference.measure`; and each phase's
+    # {"phase", "steps", "train_loss", "log"} (log: that phase's logged entries), in order.
+    preference: dict[str, Any] | None = None
+    phases: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     # Run-time findings, shaped like the plan's: where the run did not do what the plan said (a DoRA
     # forward that fell back to PEFT's: dora-forward-parity, dora-forward-peft-version).
     findings: tuple[dict[str, Any], ...] = field(default_factory=tuple)
@@ -101,6 +105,7 @@ class RunSummary:
         data = asdict(self)
         data["log_history"] = list(self.log_history)
         data["findings"] = list(self.findings)
+        data["phases"] = [{k: v for k, v in p.items() if k != "log"} for p in self.phases]
         return data
 
 
@@ -247,27 +252,48 @@ def run(
 
     with tracker, stop_on_signals(loop, emit), quiet_progress():
         model, tokenizer = _load(plan, base_folder, trust_remote_code, emit)  # 1. load
-        train_rows, held_rows = _make_rows(train_examples, heldout_examples, tokenizer, emit)  # 2. rows
-        args = sft_config(plan, out_dir / "checkpoints", max_steps=max_steps, has_eval=bool(held_rows))  # 3. wrap
+        dpo = "dpo" in plan.phases
+        sft_train = [e for e in train_examples if not (dpo and e.kind == "preference")]
+        sft_held = [e for e in heldout_examples if not (dpo and e.kind == "preference")]
         progress = progress_callback(loop, log_path, on_step, emit)
-        trainer = _trainer(plan, args, model, tokenizer, train_rows, held_rows, [progress, *callbacks], emit)
-        keep_every_rank_rng(trainer)  # several processes: every rank's RNG state in the resumable checkpoint
-        model = trainer.model  # the PEFT model, as TRL wrapped it
-        loop.findings.extend(_dora_forward(plan, model, emit))  # 3b. DoRA's forward, guarded
+        phases: list[dict[str, Any]] = []
+        trainer, max_length = None, None
+        if "sft" in plan.phases:
+            train_rows, held_rows = _make_rows(sft_train, sft_held, tokenizer, emit)  # 2. rows
+            args = sft_config(plan, out_dir / "checkpoints", max_steps=max_steps, has_eval=bool(held_rows))  # 3. wrap
+            trainer = _trainer(plan, args, model, tokenizer, train_rows, held_rows, [progress, *callbacks], emit)
+            keep_every_rank_rng(trainer)  # several processes: every rank's RNG state in the resumable checkpoint
+            model = trainer.model  # the PEFT model, as TRL wrapped it
+            loop.findings.extend(_dora_forward(plan, model, emit))  # 3b. DoRA's forward, guarded
+            max_length = args.max_length
+            if dpo:
+                emit("phase", {"phase": "sft", "index": 1, "of": len(plan.phases)})
+            _train(trainer, loop, resume_from)  # 4. train
+            phases.append(_phase("sft", trainer.state, loop))
+        if dpo and not (loop.interrupted or loop.failed):  # 4b. the DPO phase
+            trainer, args = _dpo_phase(
+                plan, model, tokenizer, train_examples, heldout_examples, out_dir, loop, resume_from, max_steps,
+                [progress, *callbacks], emit,
+            )  # fmt: skip
+            model, max_length = trainer.model, args.max_length
+            phases.append(_phase("dpo", trainer.state, loop))
+        assert trainer is not None  # the plan has at least one phase
         params = _param_counts(model)
-        _train(trainer, loop, resume_from)  # 4. train
         ending = _judge_and_save(  # 5. judge and save
             model,
             tokenizer,
             loop,
-            heldout=heldout_examples if held_rows else (),
-            max_length=args.max_length,
+            heldout=heldout_examples if (sft_held or dpo) else (),
+            max_length=max_length,
             eval_base=eval_base,
             target=out_dir / "adapter",
             emit=emit,
         )
+        if ending.status == "ok" and dpo:  # 5a. preference accuracy and reward margin, adapter and base
+            ending = _preference(model, tokenizer, ending, plan, train_examples, heldout_examples, seed, emit)
         if ending.status == "ok" and report > 0:  # 5b. what did it learn?
             ending = _learning(model, tokenizer, ending, train_examples, heldout_examples, report, seed, emit)
+    ending = replace(ending, phases=tuple(phases))
     summary = _summarise(trainer.state, loop, ending, params, seconds=time.monotonic() - t0)  # 6. summarise
     emit("done", {"status": summary.status, "steps": summary.steps})
     return summary
@@ -402,6 +428,90 @@ class _Ending:
     base_eval_loss: float | None = None
     adapter_dir: str | None = None
     learning: dict[str, Any] | None = None
+    preference: dict[str, Any] | None = None
+    phases: tuple[dict[str, Any], ...] = ()
+
+
+def _phase(name: str, state: Any, loop: LoopState) -> dict[str, Any]:
+    """One phase's figures for the summary: its steps, its last loss, its log entries."""
+    return {
+        "phase": name,
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "train_loss": loop.loss,
+        "log": list(state.log_history),
+    }
+
+
+def _dpo_phase(
+    plan: Plan,
+    model: Any,
+    tokenizer: Any,
+    train_examples: Sequence[Example],
+    heldout_examples: Sequence[Example],
+    out_dir: Path,
+    loop: LoopState,
+    resume_from: Path | None,
+    max_steps: int | None,
+    callbacks: list[Any],
+    emit: OnEvent,
+) -> tuple[Any, Any]:
+    """4b. DPO on the preference triples: on the base with a new adapter (DPO only: resumable from
+    `checkpoints/`, as SFT), or on the SFT phase's adapter (its checkpoints go to `checkpoints-dpo/`,
+    and a resume starts this phase over). Returns (trainer, args) once trained."""
+    from dlm.train import preference
+
+    train = [e for e in train_examples if e.kind == "preference"]
+    held = [e for e in heldout_examples if e.kind == "preference"]
+    train_rows, held_rows = preference.pair_rows(train, tokenizer), preference.pair_rows(held, tokenizer)
+    emit("rows", {"train": len(train_rows), "heldout": len(held_rows), "phase": "dpo"})
+    mismatch = preference.template_mismatch(train_rows + held_rows, train + held, tokenizer)
+    if mismatch:
+        loop.findings.append(mismatch)
+        emit("finding", mismatch)
+    only = plan.phases == ("dpo",)
+    folder = out_dir / ("checkpoints" if only else "checkpoints-dpo")
+    args = preference.dpo_config(plan, folder, max_steps=max_steps, has_eval=bool(held_rows))
+    trainer = preference.dpo_trainer(plan, args, model, tokenizer, train_rows, held_rows, callbacks)
+    keep_every_rank_rng(trainer)
+    if only:
+        loop.findings.extend(_dora_forward(plan, trainer.model, emit))
+    else:
+        emit("phase", {"phase": "dpo", "index": 2, "of": 2})
+    loop.loss = None
+    _train(trainer, loop, resume_from if only else None)
+    if "ref" in trainer.model.peft_config:  # reference: sft's frozen copy is not part of the adapter saved
+        trainer.model.delete_adapter("ref")
+        trainer.model.set_adapter("default")
+    return trainer, args
+
+
+def _preference(
+    model: Any,
+    tokenizer: Any,
+    ending: _Ending,
+    plan: Plan,
+    train: Sequence[Example],
+    heldout: Sequence[Example],
+    seed: int,
+    emit: OnEvent,
+) -> _Ending:
+    """5a. preference accuracy and reward margin on every held-out triple and a sample of training ones."""
+    from dlm.train import preference
+
+    beta = float(plan.dpo_kwargs.get("beta", 0.1))
+    max_length = plan.dpo_kwargs.get("max_length")
+    held = [e for e in heldout if e.kind == "preference"]
+    found = {
+        "beta": beta,
+        "reference": plan.reference,
+        "heldout": preference.measure(model, tokenizer, held, beta=beta, max_length=max_length),
+        "train": preference.measure(
+            model, tokenizer, preference.sample(train, preference.TRAIN_SAMPLE, seed), beta=beta, max_length=max_length
+        ),
+    }
+    emit("preference", found)
+    return replace(ending, preference=found)
 
 
 def _judge_and_save(
@@ -467,8 +577,8 @@ def _summarise(state: Any, loop: LoopState, ending: _Ending, params: tuple[int, 
     """6. summarise: the Trainer's state, the loop's measurements and how it ended."""
     return RunSummary(
         status=ending.status,
-        steps=state.global_step,
-        max_steps=state.max_steps,
+        steps=sum(p["steps"] for p in ending.phases) if len(ending.phases) > 1 else state.global_step,
+        max_steps=sum(p["max_steps"] for p in ending.phases) if len(ending.phases) > 1 else state.max_steps,
         train_loss=loop.loss,
         eval_loss=ending.eval_loss,
         base_eval_loss=ending.base_eval_loss,
@@ -481,8 +591,12 @@ def _summarise(state: Any, loop: LoopState, ending: _Ending, params: tuple[int, 
         adapter_dir=ending.adapter_dir,
         checkpoint=loop.checkpoint,
         message=ending.message,
-        log_history=tuple(state.log_history),
+        log_history=tuple(e for p in ending.phases for e in p["log"])
+        if len(ending.phases) > 1
+        else tuple(state.log_history),
         learning=ending.learning,
+        preference=ending.preference,
+        phases=ending.phases,
         findings=tuple(loop.findings),
     )
 

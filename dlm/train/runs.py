@@ -172,7 +172,12 @@ def train_document(
                     "plan": plan.to_json(),
                     "hardware": hardware.to_json(),
                     "summary": {**body, **extra},
-                    "metrics": {"dlm_metrics": 1, **metrics, "learning": summary.learning},
+                    "metrics": {
+                        "dlm_metrics": 1,
+                        **metrics,
+                        "learning": summary.learning,
+                        "preference": summary.preference,
+                    },
                 }
                 try:
                     version = store.commit_version(
@@ -336,13 +341,27 @@ def _metrics(summary: Any) -> dict[str, Any]:
             base_heldout_answer_f1=learning["heldout"]["base_f1"],
             learning_line=learning["line"],
         )
+    out.update(preference_metrics(getattr(summary, "preference", None), getattr(summary, "phases", ())))
+    return out
+
+
+def preference_metrics(found: dict[str, Any] | None, phases: Any = ()) -> dict[str, Any]:
+    """objective dpo: the held-out preference figures as top-level metrics (`dlm compare --metric
+    pref_accuracy` / `reward_margin`), the training sample's with a `train_` prefix, and each phase."""
+    if not found:
+        return {}
+    out: dict[str, Any] = {}
+    for part, prefix in (("heldout", ""), ("train", "train_")):
+        for key, value in (found.get(part) or {}).items():
+            out[prefix + ("pref_n" if key == "n" else key)] = value
+    out["phases"] = [{k: v for k, v in p.items() if k != "log"} for p in phases]
     return out
 
 
 def _prune_checkpoints(store: Store) -> None:
     """After a commit no checkpoint can be resumed (resume never reaches past a finished run), so the
     checkpoints of this run and of every earlier interrupted one only take disk: free it."""
-    for folder in (store.root / "runs").glob("r*/checkpoints"):
+    for folder in (store.root / "runs").glob("r*/checkpoints*"):  # checkpoints-dpo: a two-phase run's DPO phase
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -75,7 +75,17 @@ def side_from_version(role: str, path: str, folder: Path, scores: Mapping[str, A
         held_out_f1(folder),
         held_out_exact(folder),
         (spec.get("training") or {}).get("seed"),
+        *preference_scores(folder),
     )
+
+
+def preference_scores(folder: Path, *, base: bool = False) -> tuple[float | None, float | None]:
+    """objective dpo: the version's held-out preference accuracy and reward margin (the base's: its
+    own accuracy, and a margin of 0, the implicit reward's zero); None without preference figures."""
+    m = read_json(folder, "metrics.json")
+    if not m.get("pref_n"):
+        return None, None
+    return (m.get("base_pref_accuracy"), 0.0) if base else (m.get("pref_accuracy"), m.get("reward_margin"))
 
 
 def held_out_f1(folder: Path, *, base: bool = False) -> float | None:
@@ -108,6 +118,8 @@ def run_figures(
 
     eval_loss / delta_kl: each scored example's summed loss / KL (from `infer.score_adapters`);
     answer_f1 / exact_match: each held-out question every run's learning report answered."""
+    if metric not in ("eval_loss", "delta_kl", "answer_f1", "exact_match"):
+        return None  # pref_accuracy / reward_margin: metrics.json holds no per-example figures yet
     every = [*runs_a, *runs_b]
     if metric in ("eval_loss", "delta_kl"):
         per = (scores.get("per_example") or {}).get("loss_sum" if metric == "eval_loss" else "kl_sum") or {}
@@ -125,7 +137,13 @@ def run_figures(
     return lists[: len(runs_a)], lists[len(runs_a) :]
 
 
-def base_side(name: str, loss: float | None, answer_f1: float | None = None, exact_match: float | None = None) -> Side:
+def base_side(
+    name: str,
+    loss: float | None,
+    answer_f1: float | None = None,
+    exact_match: float | None = None,
+    pref: tuple[float | None, float | None] = (None, None),
+) -> Side:
     return Side(
         "base",
         None,
@@ -143,6 +161,8 @@ def base_side(name: str, loss: float | None, answer_f1: float | None = None, exa
         None,
         answer_f1=answer_f1,
         exact_match=exact_match,
+        pref_accuracy=pref[0],
+        reward_margin=pref[1],
     )
 
 
@@ -190,7 +210,11 @@ def assemble(
     notes = (*notes, *resolution_notes(verdict))
     return Comparison(
         base_side(
-            base_name, scores["loss"]["base"], held_out_f1(folder_a, base=True), held_out_exact(folder_a, base=True)
+            base_name,
+            scores["loss"]["base"],
+            held_out_f1(folder_a, base=True),
+            held_out_exact(folder_a, base=True),
+            preference_scores(folder_a, base=True),
         ),
         a,
         b,

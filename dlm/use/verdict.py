@@ -47,6 +47,8 @@ RESAMPLES = 2000  # bootstrap resamples: the interval's ends move by well under 
 INTERVAL_LEVEL = 0.95
 BOOTSTRAP_SEED = 0
 Z = 1.959964  # the normal quantile of a two-sided 95% interval, for the examples-needed estimate
+# objective dpo (docs/preference.md): held-out preference accuracy and mean reward margin, from metrics.json
+BETTER.update(pref_accuracy="higher", reward_margin="higher")
 MIN_GAIN_RANGE = (-1.0, 1.0)
 EPS = 1e-12  # "at least min_gain" must survive float rounding of (A - B) / A
 # Keys that differ between twins by construction: each side's identity, not a confound.
@@ -90,6 +92,8 @@ class Side:
     # The learning report's share of held-out answers that match the document's exactly (same report).
     exact_match: float | None = None
     seed: int | None = None  # training.seed of the version (None for the base)
+    pref_accuracy: float | None = None  # objective dpo: held-out preference accuracy (metrics.json)
+    reward_margin: float | None = None  # objective dpo: held-out mean implicit reward margin; 0 for the base
 
     def to_json(self) -> dict[str, Any]:
         data = {k: _finite(v) for k, v in asdict(self).items() if k != "log"}
@@ -186,7 +190,7 @@ def check_options(metric: str, min_gain: float) -> None:
     """DlmError (exit 2) for a metric we do not know or a min gain that cannot mean anything."""
     if metric not in BETTER:
         raise DlmError(
-            f"--metric must be eval_loss, delta_kl, answer_f1 or exact_match (got {metric!r})",
+            f"--metric must be one of {', '.join(BETTER)} (got {metric!r})",
             "eval_loss: held-out loss, lower is better; delta_kl: KL from the base, higher is better; "
             "answer_f1 / exact_match: the learning report's held-out answer F1 / exact share, higher is better",
         )
