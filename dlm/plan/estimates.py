@@ -56,6 +56,9 @@ MICRO_OVERHEAD = {"cpu": 0.2, "cuda": 0.0, "mps": 0.05}  # s per micro batch (di
 # longer of the two paths: FLOPs / rate, or layers x this per micro batch.
 CUDA_LAUNCH_S_PER_LAYER = 0.0113
 CUDA_DORA_LAUNCH = 1.32
+# PEFT's DoRA forward at dropout > 0 launches a second base matmul and a dropout per DoRA layer:
+# assumed +15% launches (not measured on a GPU; the H200 runs were at dropout 0).
+CUDA_PEFT_DORA_SLOW = 1.15
 STEP_OVERHEAD = {"cpu": 0.05, "cuda": 0.01, "mps": 0.01}  # s per optimizer step
 GPU_MFU = 0.35  # sustained share of the nominal dense peak
 GPU_PEAK = {  # compute capability -> (16-bit tensor-core, fp32) dense FLOP/s of a typical card
@@ -266,9 +269,10 @@ def step_seconds(
     tokens = micro * accum * row_tokens  # per device
     n_eff = base.n_params - (0 if base.tie_embeddings else base.vocab_size * base.hidden_size)
     flops = 4 * n_eff * tokens + 6 * ad.params * tokens  # frozen base: forward + input gradients only
+    slow_dora = t.adapter == "dora" and t.lora_dropout > 0 and decide_forward(t, hw.peft_version, set())[0] == "peft"
     if t.adapter == "dora":
         flops += accum * 6 * t.lora_r * ad.adapted  # weight norm of W + s*BA, every forward
-        if t.lora_dropout > 0 and decide_forward(t, hw.peft_version, set())[0] == "peft":
+        if slow_dora:
             flops += 4 * ad.adapted * tokens  # PEFT's slow path: a second base matmul on the dropped input
     seconds = flops / _flops_rate(hw, precision)
     if t.lora_dropout > 0 and hw.device == "cpu":
@@ -279,6 +283,8 @@ def step_seconds(
         seconds *= QLORA_TAX[hw.device]
     if hw.device == "cuda":  # the host's kernel launches, overlapped with the GPU's work
         launch = accum * base.n_layers * CUDA_LAUNCH_S_PER_LAYER * (CUDA_DORA_LAUNCH if t.adapter == "dora" else 1.0)
+        if slow_dora:
+            launch *= CUDA_PEFT_DORA_SLOW
         seconds = max(seconds, launch * (CKPT_TAX["cuda"] if ckpt else 1.0))
     return seconds + accum * MICRO_OVERHEAD[hw.device] + STEP_OVERHEAD[hw.device]
 

@@ -230,12 +230,16 @@ def assemble(
 
 
 def _quality(scores: Mapping[str, Any], name: str, folder: Path) -> dict[str, float | None]:
-    """One scored run's quality figures: loss and KL from `scores`, answer F1 / exact from its report."""
+    """One scored run's quality figures: loss and KL from `scores`, answer F1 / exact from its report,
+    preference accuracy and reward margin from its metrics (objective dpo)."""
+    pref_accuracy, reward_margin = preference_scores(folder)
     return {
         "eval_loss": scores["loss"].get(name),
         "delta_kl": scores["delta_kl"].get(name),
         "answer_f1": held_out_f1(folder),
         "exact_match": held_out_exact(folder),
+        "pref_accuracy": pref_accuracy,
+        "reward_margin": reward_margin,
     }
 
 
@@ -255,6 +259,8 @@ def _seed_mean(side: Side, runs: Sequence[Mapping[str, float | None]]) -> Side:
         delta_kl=_mean([r["delta_kl"] for r in runs]),
         answer_f1=_mean([r["answer_f1"] for r in runs]),
         exact_match=_mean([r["exact_match"] for r in runs]),
+        pref_accuracy=_mean([r["pref_accuracy"] for r in runs]),
+        reward_margin=_mean([r["reward_margin"] for r in runs]),
     )
 
 
