@@ -61,7 +61,7 @@ demo: setup
 
 # The twin comparison CI runs: LoRA and DoRA twins trained on the embedded base (each in its own
 # process, so peak memory is each run's own), then compared; the report's shape and numbers are
-# checked (every verdict outcome passes), never which side wins. About 4.5-6 minutes on 2 quiet CPU cores (estimated):
+# checked (every verdict outcome passes), never which side wins. About 7.5 minutes on 2 quiet CPU cores (measured on a fresh clone, docs/compare.md):
 # the 32 pinned held-out questions cost evaluation and answer-report time (docs/compare.md).
 TWIN_OUT := $(DLM_HOME)/twin
 twin: setup
