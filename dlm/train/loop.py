@@ -264,6 +264,23 @@ def quiet_progress(*, datasets: bool = True) -> Iterator[None]:
             ds.enable_progress_bars()
 
 
+def trainer_args(config: Any, kwargs: dict[str, Any], output_dir: Path, max_steps: int | None, has_eval: bool) -> Any:
+    """`config(output_dir=..., **kwargs)` (TRL's SFTConfig or DPOConfig) with the run mechanics the plan
+    leaves unsaid: no tqdm (render.py draws), NaN losses logged as NaN (so the run can stop on them),
+    a few checkpoints kept; `max_steps` (a CLI `--max-steps`) overrides the plan's length, and with no
+    held-out rows periodic evaluation is switched off."""
+    kwargs = dict(kwargs)
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    if not has_eval:
+        kwargs["eval_strategy"] = "no"
+        kwargs.pop("eval_steps", None)
+    kwargs.setdefault("disable_tqdm", True)
+    kwargs.setdefault("logging_nan_inf_filter", False)
+    kwargs.setdefault("save_total_limit", 3)
+    return config(output_dir=str(output_dir), **kwargs)
+
+
 @contextmanager
 def stop_on_signals(loop: LoopState, on_event: OnEvent) -> Iterator[None]:
     """SIGINT/SIGTERM -> `loop.signal`, which the progress callback turns into "save a checkpoint and

@@ -25,6 +25,7 @@ from typing import Any
 
 from dlm.plan.corpus import Example
 from dlm.plan.planner import Plan
+from dlm.train.loop import trainer_args
 from dlm.train.rows import render_chat
 
 TRAIN_SAMPLE = 32  # training triples measured besides every held-out one
@@ -74,16 +75,7 @@ def dpo_config(plan: Plan, output_dir: Path, *, max_steps: int | None = None, ha
     """`DPOConfig(output_dir=..., **plan.dpo_kwargs)`, with the run mechanics `sft_config` adds."""
     from trl import DPOConfig
 
-    kwargs = dict(plan.dpo_kwargs)
-    if max_steps is not None:
-        kwargs["max_steps"] = max_steps
-    if not has_eval:
-        kwargs["eval_strategy"] = "no"
-        kwargs.pop("eval_steps", None)
-    kwargs.setdefault("disable_tqdm", True)
-    kwargs.setdefault("logging_nan_inf_filter", False)
-    kwargs.setdefault("save_total_limit", 3)
-    return DPOConfig(output_dir=str(output_dir), **kwargs)
+    return trainer_args(DPOConfig, plan.dpo_kwargs, output_dir, max_steps, has_eval)
 
 
 def dpo_trainer(

@@ -62,6 +62,7 @@ from dlm.train.loop import (
     progress_callback,
     quiet_progress,
     stop_on_signals,
+    trainer_args,
     trim_log,
 )
 from dlm.train.progress import steady_step_seconds
@@ -172,16 +173,7 @@ def sft_config(plan: Plan, output_dir: Path, *, max_steps: int | None = None, ha
     """
     from trl import SFTConfig
 
-    kwargs = dict(plan.sft_kwargs)
-    if max_steps is not None:
-        kwargs["max_steps"] = max_steps
-    if not has_eval:
-        kwargs["eval_strategy"] = "no"
-        kwargs.pop("eval_steps", None)
-    kwargs.setdefault("disable_tqdm", True)
-    kwargs.setdefault("logging_nan_inf_filter", False)
-    kwargs.setdefault("save_total_limit", 3)
-    return SFTConfig(output_dir=str(output_dir), **kwargs)
+    return trainer_args(SFTConfig, plan.sft_kwargs, output_dir, max_steps, has_eval)
 
 
 def peak_memory() -> int:
