@@ -2,6 +2,7 @@
 
     python bench/gpu.py bases   OUT [--tokenizer DIR]    # random-weight SmolLM2-shaped bases (135M, 1.7B)
     python bench/gpu.py run     OUT [--steps 30]         # doctor, DoRA parity, the runs -> OUT/gpu-results.json
+    python bench/gpu.py run     OUT --runs dpo:lora,dpo:dora,dpo:qlora   # DPO runs only
     python bench/gpu.py table   OUT/gpu-results.json     # the Markdown table of docs/gpu.md (also on a CPU)
 
 Speed and memory depend on a model's shapes, not on its weights' values, so the bases are SmolLM2's
@@ -44,6 +45,7 @@ SIZES = {  # SmolLM2's shapes: the 135M config as embedded, the 1.7B one as publ
     },
 }
 RUNS = (("plain", "lora"), ("dlm", "lora"), ("plain", "dora"), ("dlm", "dora"), ("dlm", "qlora"))
+KINDS = ("plain", "dlm", "dpo")  # dpo: dlm's plan on the preference document
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense, by card name
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
@@ -89,6 +91,51 @@ def _corpus() -> str:
     return "# A made-up chronicle\n\n" + "\n\n".join(paras) + "\n"
 
 
+def _triples() -> str:
+    """600 made-up preference triples: the chosen answer counts in the house's way (a number, then the
+    place, then when it was counted), the rejected one is vague; ~50-70 tokens an answer."""
+    rng = random.Random(11)
+    syl = ["kel", "mar", "ros", "fen", "lum", "tor", "quin", "zel", "dun", "hir", "vey", "pel", "nor", "wyn", "ul"]
+
+    def word() -> str:
+        return "".join(rng.choice(syl) for _ in range(rng.randint(1, 3)))
+
+    out = []
+    for _ in range(600):
+        who, what, where = (
+            f"the {word()} of {word().title()}",
+            f"{word()}s",
+            f"the {word()} {rng.choice(['river', 'harbour', 'tower', 'market'])}",
+        )
+        n, days = rng.randint(2, 999), rng.randint(2, 30)
+        chosen = (
+            f"{who.capitalize()} keeps exactly {n} {what} near {where}. They were counted at dawn {days} days ago "
+            f"by the {word()} wardens, who write every count in the {word()} ledger before the market opens. "
+            f"The next count is due in {rng.randint(2, 9)} days."
+        )
+        rejected = (
+            f"Quite a few {what}, I think, somewhere around {where}, though nobody is really sure how many there "
+            f"are. It depends on the season and on who you ask; the {word()} folk say one thing and the "
+            f"{word()} folk another, so any number would be a guess."
+        )
+        out.append(
+            f"### Prompt\nHow many {what} does {who} keep near {where}?\n### Chosen\n{chosen}\n### Rejected\n{rejected}\n"
+        )
+    return "# Made-up counts\n\n::preference::\n" + "\n".join(out)
+
+
+def write_dpo_docs(bases: Path, docs: Path) -> dict[str, Path]:
+    """One DPO-only document per size (`objective: dpo`; the adapter comes from the run's config)."""
+    docs.mkdir(parents=True, exist_ok=True)
+    body, out = _triples(), {}
+    for size in SIZES:
+        name = f"{size}-dpo"
+        head = f"dlm_id: 01KGP1{zlib.crc32(name.encode()):020d}\ndlm_version: 1\nbase_model: {bases / size}\n"
+        (docs / f"{name}.dlm").write_text(f"---\n{head}training:\n  objective: dpo\n---\n\n{body}")
+        out[size] = docs / f"{name}.dlm"
+    return out
+
+
 def write_docs(bases: Path, docs: Path) -> dict[tuple[str, str], Path]:
     """One document per size and adapter (no other knob: the plan is dlm's default)."""
     docs.mkdir(parents=True, exist_ok=True)
@@ -129,8 +176,9 @@ def run(out: Path, bases: Path, steps: int, sizes: list[str], runs: list[tuple[s
     home = Path(os.environ.get("DLM_HOME") or out / "home")
     logs = Path(os.environ.get("DLM_BENCH_LOGS", "/tmp/dlm-gpu-logs"))
     logs.mkdir(parents=True, exist_ok=True)
-    docs = write_docs(bases, out / "docs" if "DLM_GPU_DOCS" not in os.environ else Path(os.environ["DLM_GPU_DOCS"]))
-    names = [str(d) for d in docs.values()]
+    folder = out / "docs" if "DLM_GPU_DOCS" not in os.environ else Path(os.environ["DLM_GPU_DOCS"])
+    docs, dpo_docs = write_docs(bases, folder), write_dpo_docs(bases, folder)
+    names = [str(d) for d in docs.values()] + [str(d) for d in dpo_docs.values()]
     with (out / "doctor.txt").open("w") as fh:
         subprocess.run(
             [sys.executable, "-m", "dlm", "doctor", *names], stdout=fh, stderr=subprocess.STDOUT, check=False
@@ -148,7 +196,10 @@ def run(out: Path, bases: Path, steps: int, sizes: list[str], runs: list[tuple[s
         file = str(docs[size, "lora"])
         cfg0 = {"file": file, "dropout": 0.0, "steps": steps, "home": str(home)}
         plan = [{"kind": "prepare", "adapter": "lora", **cfg0}]
-        plan += [{"kind": k, "adapter": a, "size": size, **cfg0} for k, a in runs]
+        plan += [
+            {"kind": k, "adapter": a, "size": size, **cfg0, **({"file": str(dpo_docs[size])} if k == "dpo" else {})}
+            for k, a in runs
+        ]
         for cfg in plan:
             r = harness.run_one(cfg, logs, timeout=300)
             results["runs"].append(r)
@@ -162,7 +213,9 @@ def _line(r: dict[str, Any]) -> str:
         return "FAILED " + r["error"][-300:]
     if "steady_s" not in r:
         return "ok"
-    return f"{r['steady_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, peak {r['peak_bytes'] / 2**30:.2f} GiB"
+    tps = f"{r['tokens_per_s']:.0f} tok/s" if r.get("tokens_per_s") else "tok/s n/a"
+    est = f" (est. {r['est_step_s']:.3f})" if r.get("est_step_s") else ""
+    return f"{r['steady_s']:.3f} s/step{est}, {tps}, peak {r['peak_bytes'] / 2**30:.2f} GiB"
 
 
 def _flops_per_token(size: str, adapter_params: int) -> float:
@@ -189,7 +242,7 @@ def table(results: dict[str, Any]) -> str:
         size, adapter = c["size"], c["adapter"]
         facts = bases._facts(size, "folder", size, {**bases.ALIASES["smollm2-135m"].config, **SIZES[size]}, None)
         ad = adapter_shape(facts, list(bases.LLAMA_LINEAR), 8, adapter == "dora", False)
-        mfu = r["tokens_per_s"] * _flops_per_token(size, ad.params) / peak if peak else None
+        mfu = r["tokens_per_s"] * _flops_per_token(size, ad.params) / peak if peak and r.get("tokens_per_s") else None
         plain = next(
             (
                 p
@@ -201,9 +254,12 @@ def table(results: dict[str, Any]) -> str:
         gain = f"x{r['tokens_per_s'] / plain['tokens_per_s']:.2f}" if plain and c["kind"] == "dlm" else ""
         est_s = f" ({r['est_step_s']:.2f})" if r.get("est_step_s") else ""
         est_m = f" ({r['est_peak_bytes'] / 2**30:.1f})" if r.get("est_peak_bytes") else ""
+        if c["kind"] == "dpo":  # two sequences a row and the reference forward: the FLOPs above do not apply
+            mfu = None
+        tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "n/a"
         rows.append(
             f"| {size} | {adapter} | {c['kind']} | {r['micro']} x {r['accum']} | {'on' if r['checkpointing'] else 'off'} "
-            f"| {r['steady_s']:.3f}{est_s} | {r['tokens_per_s']:.0f} | {f'{mfu:.1%}' if mfu else 'n/a'} "
+            f"| {r['steady_s']:.3f}{est_s} | {tps} | {f'{mfu:.1%}' if mfu else 'n/a'} "
             f"| {r['peak_bytes'] / 2**30:.2f}{est_m} | {gain} |"
         )
     return "\n".join(rows)
@@ -232,7 +288,7 @@ def main() -> int:
     else:
         sizes = [s for s in args.sizes.split(",") if s]
         runs = [(k, a) for k, _, a in (r.partition(":") for r in args.runs.split(",") if r)]
-        unknown = [s for s in sizes if s not in SIZES] + [f"{k}:{a}" for k, a in runs if k not in ("plain", "dlm")]
+        unknown = [s for s in sizes if s not in SIZES] + [f"{k}:{a}" for k, a in runs if k not in KINDS]
         if unknown:
             ap.error(f"unknown: {', '.join(unknown)}")
         run(args.path, args.bases or args.path / "bases", args.steps, sizes, runs)

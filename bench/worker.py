@@ -256,7 +256,8 @@ def run_dlm(cfg: dict, hw: Any, out: Path) -> dict[str, Any]:
     if summary.status != "ok":
         raise RuntimeError(f"the dlm run ended {summary.status}: {summary.message}")
     est = p.plan.estimates
-    kw = plan.sft_kwargs
+    dpo = plan.phases == ("dpo",)  # a DPO-only document (bench/gpu.py's dpo runs): its own step and config
+    kw = plan.dpo_kwargs if dpo else plan.sft_kwargs
     return {
         **_summary(box, cfg["steps"]),
         "eval_loss": summary.eval_loss,
@@ -265,10 +266,10 @@ def run_dlm(cfg: dict, hw: Any, out: Path) -> dict[str, Any]:
         "accum": kw["gradient_accumulation_steps"],
         "checkpointing": kw["activation_checkpointing"],
         "bf16": kw["bf16"],
-        "packing": kw["packing"],
+        "packing": kw.get("packing", False),
         "runtime": plan.runtime_kwargs,
         "optim": kw["optim"],
-        "est_step_s": est.step_seconds,
+        "est_step_s": plan.decision("dpo_step_seconds") if dpo else est.step_seconds,
         "est_peak_bytes": est.peak_memory_bytes,
         "est_total_s": est.total_seconds,
         "reason": p.plan.reason,

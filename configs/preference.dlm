@@ -8,13 +8,14 @@ training:
   objective: dpo          # SFT on the ::instruction:: pairs first, then DPO on the triples, on that adapter
   lora_r: 8
   lora_alpha: 16
-  num_epochs: 3           # the SFT phase: 4 pairs
+  num_epochs: 3           # the SFT phase: 4 pairs and the prose, 2 steps an epoch
+  grad_accum: 1           # both phases: one micro batch of 4 rows a step, so 24 triples make 6 DPO steps an epoch
   seed: 42
   preference:
     beta: 0.1             # the default: how hard the loss holds the adapter near its reference
     loss_type: sigmoid    # DPO's own loss; `dlm twin --set training.preference.loss_type=ipo` to compare
     learning_rate: 1.0e-4 # LoRA DPO: above 1e-4 both rewards tend to fall (the dpo-lr-high finding)
-    num_epochs: 3         # 24 triples / effective batch 8 = 3 steps an epoch -> 9 DPO steps
+    num_epochs: 5         # 24 triples / 4 a step = 6 steps an epoch -> 30 DPO steps (9 left held-out accuracy at 0.50)
     reference: base       # compare against the base with the adapter switched off (sft: the SFT adapter)
 ---
 # The house style
