@@ -18,7 +18,8 @@ manifest record under `shape`):
 `check_resume` raises one DlmError (exit 2) naming each changed field, from what to what, before
 anything is written; and refuses a checkpoint that lacks a rank's RNG state (`rng_state.pth`, or
 `rng_state_<rank>.pth` for each rank of a multi-process run), since without it the resumed run would
-draw other dropout masks than the uninterrupted one. Library versions are not compared: the
+draw other dropout masks than the uninterrupted one; and refuses a two-phase run's DPO checkpoint
+when its run lacks the SFT phase's final checkpoint (the DPO phase resumes on that adapter). Library versions are not compared: the
 checkpoint's files are read the same way, and `dlm show` lists each run's versions.
 """
 
@@ -32,6 +33,7 @@ from typing import Any
 from dlm.errors import DlmError
 from dlm.fsutil import atomic_write
 from dlm.plan.prepare import Prepared
+from dlm.store.checkpoints import is_dpo_checkpoint, sft_final
 from dlm.store.current import corpus_sha256
 from dlm.store.integrity import sha256_file
 from dlm.store.store import STORE_FORMAT
@@ -159,6 +161,13 @@ def check_resume(
             source,
             line,
             col,
+        )
+    if is_dpo_checkpoint(checkpoint) and sft_final(checkpoint.parent.parent) is None:
+        raise DlmError(
+            f"cannot resume {where} (its DPO phase): the run holds no final checkpoint of its SFT phase, "
+            "which the DPO phase continues",
+            "pass --fresh to start over",
+            source,
         )
     world = int(recorded["processes"]["world_size"])
     names = ["rng_state.pth"] if world == 1 else [f"rng_state_{r}.pth" for r in range(world)]
