@@ -224,3 +224,32 @@ def test_dora_and_qlora_train_both_phases_into_an_adapter_peft_loads(
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     found = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert found["adapters"] == ["default"] and found["use_dora"] is (adapter == "dora") and found["lora_params"] > 0
+
+
+def test_a_dpo_run_resumes_on_more_cores(workdir: Path, tmp_path: Path) -> None:
+    """Near miss: the plan's DPO step estimate (`dpo_step_seconds`) follows the core count and changes no
+    weight, so it is a run mechanic: a DPO run begun on 2 cores resumes on 16, also when its shape was
+    recorded before the estimate counted as one. A changed DPO step count is still refused."""
+    import dataclasses
+
+    from dlm.plan.hardware import load_fixture
+    from dlm.plan.prepare import prepare
+    from dlm.store.resume import check_resume, run_shape
+
+    doc = write(workdir, "dpo-cores.dlm", TWO_PHASE, SFT_BODY + PREF_BODY)
+    cpu = load_fixture(Path(__file__).parent / "fixtures" / "hardware" / "cpu.json")
+
+    def shape(cores: int, **kw: Any) -> dict[str, Any]:
+        return run_shape(prepare(doc, dataclasses.replace(cpu, cores=cores), **kw), workdir / "tiny", tmp_path)
+
+    began, now = shape(2), shape(16)
+    ckpt = tmp_path / "runs" / "r0001" / "checkpoints" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "rng_state.pth").write_bytes(b"rng")
+    old = json.loads(json.dumps(began))
+    old["decisions"]["dpo_step_seconds"] = 16.4  # as a run recorded before this release holds it
+    for recorded in (began, old):
+        check_resume({"run": "r0001", "shape": recorded}, now, ckpt, str(doc))
+    with pytest.raises(DlmError) as refused:
+        check_resume({"run": "r0001", "shape": began}, shape(16, max_steps=3), ckpt, str(doc))
+    assert "steps" in str(refused.value)

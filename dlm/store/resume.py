@@ -42,9 +42,11 @@ RESUME_FORMAT = 1  # the layout of the `shape` record; a run recorded in another
 DIGESTS = "base-digests.json"  # under $DLM_HOME/cache: {path: {"stat": ..., "sha256": ...}}
 # The files of a base folder that `from_pretrained` and the tokenizer read (top level, as HF lays them out).
 BASE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".jinja", ".txt", ".py", ".tiktoken")
-# Run mechanics: they change when the run logs, evaluates or saves, or how fast a CPU step goes, never a weight.
+# Run mechanics: they change when the run logs, evaluates or saves, or how fast a CPU step goes, never a
+# weight. `dpo_step_seconds` is the plan's estimate of a DPO step (it follows the core count).
 MECHANICS = frozenset(
     {
+        "dpo_step_seconds",
         "eval_steps",
         "eval_strategy",
         "save_steps",
@@ -146,7 +148,7 @@ def check_resume(
             "pass --fresh to start over",
             source,
         )
-    found = differences(recorded, dict(now))
+    found = differences(_without_mechanics(recorded), _without_mechanics(dict(now)))
     if found:
         decided = [d for d in found if d[0].startswith("decisions.")]
         # A changed decision explains the kwargs that follow from it: name the decisions, not both.
@@ -180,6 +182,19 @@ def check_resume(
             "RNG state lack rng_state_<rank>.pth)",
             source,
         )
+
+
+def _without_mechanics(shape: dict[str, Any]) -> dict[str, Any]:
+    """`shape` without run mechanics, also where a run recorded one before it counted as such."""
+    out = dict(shape)
+    if isinstance(out.get("decisions"), dict):
+        out["decisions"] = {k: v for k, v in out["decisions"].items() if k not in MECHANICS}
+    if isinstance(out.get("kwargs"), dict):
+        out["kwargs"] = {
+            g: {k: v for k, v in kw.items() if k not in MECHANICS} if isinstance(kw, dict) else kw
+            for g, kw in out["kwargs"].items()
+        }
+    return out
 
 
 def differences(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:

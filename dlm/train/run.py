@@ -1,6 +1,6 @@
 """Training: the recipe `run` and the short translators from the plan's kwargs to the libraries.
 
-Length (~480 lines, over the house's ~400): `run` and its numbered steps read top to bottom in one
+Length (~660 lines, over the house's ~400): `run` and its numbered steps read top to bottom in one
 file, as a torchtune recipe does; rows, the loop's plumbing, evaluation and the learning report are
 already their own modules, and no function here is over ~60 lines.
 
@@ -28,10 +28,12 @@ Signals: while `run` trains, SIGINT / SIGTERM ask it to stop at the next step bo
 checkpoint there and returns status "interrupted" (a second SIGINT aborts at once; one that comes
 within a second is the same Ctrl-C forwarded by a launcher). Under torchrun every rank stops at the
 same step. The previous handlers are restored when `run` returns. `resume_from` (a checkpoint
-folder, or True for the newest in `out_dir/checkpoints/`) restores weights, optimizer, scheduler,
+folder, or True for the newest in `out_dir`: `checkpoints-dpo/` before `checkpoints/`) restores weights, optimizer, scheduler,
 every rank's RNG state (Python, NumPy, torch CPU and device) and step through the Trainer's
 `resume_from_checkpoint`; under several processes rank 0's checkpoint holds every rank's
-`rng_state_<rank>.pth` (`loop.keep_every_rank_rng`). On a CPU the resumed run ends with the same
+`rng_state_<rank>.pth` (`loop.keep_every_rank_rng`). A two-phase run resumed from a DPO checkpoint
+does not train SFT again: the SFT phase's final checkpoint gives the adapter the DPO trainer is
+built on (`_sft_done`). On a CPU the resumed run ends with the same
 adapter tensors as an uninterrupted one, in one process and in two (tested).
 """
 
