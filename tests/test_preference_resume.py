@@ -168,6 +168,41 @@ def test_two_phase_interrupted_in_sft_resumes_sft_then_trains_dpo_from_its_start
         assert _losses(log, phase) == _losses(full_log, phase)
 
 
+@pytest.mark.integration
+def test_two_phase_with_reference_base_resumes_in_dpo_from_its_own_folder(workdir: Path, tmp_path: Path) -> None:
+    """`train.run(resume_from=True)` in the interrupted run's own folder (nothing to carry), reference:
+    base (the `ref` copy is deleted, the DPO checkpoint holds the adapter alone): no SFT step trains
+    again and the adapter equals the uninterrupted run's."""
+    from dlm.plan.prepare import prepare
+    from dlm.train import device
+    from dlm.train import run as train
+
+    training = (
+        "  objective: dpo\n"
+        + TINY.format(steps=3)
+        + "  save_steps: 1\n  preference:\n    reference: base\n    learning_rate: 5.0e-3\n"
+    )
+    p = prepare(write(workdir, "two-phase-base.dlm", training, SFT_BODY + PREF_BODY), device.probe())
+
+    def run(folder: str, watch: Watch, **kw: Any) -> Any:
+        out = tmp_path / folder
+        return train.run(p.plan, p.train, p.heldout, workdir / "tiny", out, on_step=watch.on_step,
+                         on_event=watch.on_event, eval_base=False, **kw)  # fmt: skip
+
+    full = run("full", Watch())
+    cut = run("cut", Watch(stop=("dpo", 1)))
+    assert cut.status == "interrupted" and Path(cut.checkpoint).parent.name == "checkpoints-dpo"
+    assert not (Path(cut.checkpoint) / "ref").exists()
+    w = Watch()
+    resumed = run("cut", w, resume_from=True)
+    assert (
+        resumed.status == "ok" and w.steps and all(ph == "dpo" and n > _step(Path(cut.checkpoint)) for ph, n in w.steps)
+    )
+    _same_adapter(Path(full.adapter_dir), Path(resumed.adapter_dir))
+    assert resumed.preference == full.preference and resumed.preference["reference"] == "base"
+    assert [(q["phase"], q["steps"]) for q in resumed.phases] == [("sft", 3), ("dpo", 3)]
+
+
 def test_trim_log_keeps_the_other_phase_of_a_two_phase_run(tmp_path: Path) -> None:
     """Each phase counts steps from 1: resuming in the DPO phase at step 2 keeps every SFT line and DPO
     lines 1-2; resuming in the SFT phase at step 2 drops every DPO line; a one-phase run cuts by step."""
