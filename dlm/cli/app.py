@@ -216,6 +216,7 @@ _NOTES = {  # training events worth a line above the progress bar
         else f"DoRA: PEFT's own forward ({d['reason']})"
     ),
     "phase": lambda d: f"phase {d['index']}/{d['of']}: {d['phase']}",
+    "sft_done": lambda d: f"resuming in the DPO phase: the SFT phase's adapter from {d['checkpoint']}",
     "finding": lambda d: f"{d['level']} {d['code']}: {d['message']}",
     "interrupt": lambda d: f"{d['signal']}: saving a checkpoint at the end of this step",
     "checkpoint": lambda d: f"checkpoint {d['path']}",

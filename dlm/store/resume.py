@@ -18,7 +18,8 @@ manifest record under `shape`):
 `check_resume` raises one DlmError (exit 2) naming each changed field, from what to what, before
 anything is written; and refuses a checkpoint that lacks a rank's RNG state (`rng_state.pth`, or
 `rng_state_<rank>.pth` for each rank of a multi-process run), since without it the resumed run would
-draw other dropout masks than the uninterrupted one. Library versions are not compared: the
+draw other dropout masks than the uninterrupted one; and refuses a two-phase run's DPO checkpoint
+when its run lacks the SFT phase's final checkpoint (the DPO phase resumes on that adapter). Library versions are not compared: the
 checkpoint's files are read the same way, and `dlm show` lists each run's versions.
 """
 
@@ -32,6 +33,7 @@ from typing import Any
 from dlm.errors import DlmError
 from dlm.fsutil import atomic_write
 from dlm.plan.prepare import Prepared
+from dlm.store.checkpoints import is_dpo_checkpoint, sft_final
 from dlm.store.current import corpus_sha256
 from dlm.store.integrity import sha256_file
 from dlm.store.store import STORE_FORMAT
@@ -40,9 +42,11 @@ RESUME_FORMAT = 1  # the layout of the `shape` record; a run recorded in another
 DIGESTS = "base-digests.json"  # under $DLM_HOME/cache: {path: {"stat": ..., "sha256": ...}}
 # The files of a base folder that `from_pretrained` and the tokenizer read (top level, as HF lays them out).
 BASE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".jinja", ".txt", ".py", ".tiktoken")
-# Run mechanics: they change when the run logs, evaluates or saves, or how fast a CPU step goes, never a weight.
+# Run mechanics: they change when the run logs, evaluates or saves, or how fast a CPU step goes, never a
+# weight. `dpo_step_seconds` is the plan's estimate of a DPO step (it follows the core count).
 MECHANICS = frozenset(
     {
+        "dpo_step_seconds",
         "eval_steps",
         "eval_strategy",
         "save_steps",
@@ -144,7 +148,7 @@ def check_resume(
             "pass --fresh to start over",
             source,
         )
-    found = differences(recorded, dict(now))
+    found = differences(_without_mechanics(recorded), _without_mechanics(dict(now)))
     if found:
         decided = [d for d in found if d[0].startswith("decisions.")]
         # A changed decision explains the kwargs that follow from it: name the decisions, not both.
@@ -160,6 +164,13 @@ def check_resume(
             line,
             col,
         )
+    if is_dpo_checkpoint(checkpoint) and sft_final(checkpoint.parent.parent) is None:
+        raise DlmError(
+            f"cannot resume {where} (its DPO phase): the run holds no final checkpoint of its SFT phase, "
+            "which the DPO phase continues",
+            "pass --fresh to start over",
+            source,
+        )
     world = int(recorded["processes"]["world_size"])
     names = ["rng_state.pth"] if world == 1 else [f"rng_state_{r}.pth" for r in range(world)]
     missing = [n for n in names if not (checkpoint / n).is_file()]
@@ -171,6 +182,19 @@ def check_resume(
             "RNG state lack rng_state_<rank>.pth)",
             source,
         )
+
+
+def _without_mechanics(shape: dict[str, Any]) -> dict[str, Any]:
+    """`shape` without run mechanics, also where a run recorded one before it counted as such."""
+    out = dict(shape)
+    if isinstance(out.get("decisions"), dict):
+        out["decisions"] = {k: v for k, v in out["decisions"].items() if k not in MECHANICS}
+    if isinstance(out.get("kwargs"), dict):
+        out["kwargs"] = {
+            g: {k: v for k, v in kw.items() if k not in MECHANICS} if isinstance(kw, dict) else kw
+            for g, kw in out["kwargs"].items()
+        }
+    return out
 
 
 def differences(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:

@@ -28,7 +28,7 @@ from filelock import FileLock, Timeout
 from dlm.errors import DlmError, RunError
 from dlm.store import durable
 from dlm.store.assembly import assemble_version, check_staged
-from dlm.store.checkpoints import latest_checkpoint
+from dlm.store.checkpoints import resume_point
 from dlm.store.integrity import CHECKSUMS, verify
 
 STORE_FORMAT = 1  # bumped only with a migration; a newer store is refused, never half-read
@@ -130,13 +130,14 @@ class Store:
         """For --resume: the newest complete `checkpoint-N` of the newest unfinished run, or None.
 
         Runs are walked newest first; one that finished (status ok, or a committed version) ends the
-        search, since resuming anything older would undo it. Within a run, `checkpoints.latest_checkpoint`
-        skips a save cut short (no complete `trainer_state.json`).
+        search, since resuming anything older would undo it. Within a run, `checkpoints.resume_point`
+        skips a save cut short (no complete `trainer_state.json`) and puts a two-phase run's DPO
+        checkpoints (`checkpoints-dpo/`) before its SFT ones.
         """
         for run in reversed(self.load_manifest()["runs"]):
             if run.get("status") == "ok" or run.get("version"):
                 return None
-            found = latest_checkpoint(self.run_dir(run["run"]) / "checkpoints")
+            found = resume_point(self.run_dir(run["run"]))
             if found is not None:
                 return found
         return None

@@ -54,6 +54,7 @@ class LoopState:
     t_step: float = 0.0  # `time.perf_counter()` when the step under way began
     t_mark: float | None = None  # `time.perf_counter()` when the last step or pause ended
     findings: list[dict[str, Any]] = field(default_factory=list)  # run-time findings, for RunSummary.findings
+    phase: str | None = None  # a two-phase run's phase under way ("sft" | "dpo"), marked on its log entries
 
 
 def _elapsed(loop: LoopState) -> float:
@@ -68,11 +69,21 @@ def _since_mark(loop: LoopState) -> float:
     return seconds
 
 
-def trim_log(log_path: Path, upto_step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (steps that will be redone)."""
+def trim_log(log_path: Path, upto_step: int, phase: str | None = None) -> None:
+    """On resume, drop log lines written after the checkpoint (steps that will be redone).
+
+    A two-phase run's lines carry their `phase` and each phase counts steps from 1: resuming in the
+    DPO phase keeps every SFT line; resuming in the SFT phase (`phase` "sft") drops every DPO line."""
     if not log_path.is_file():
         return
-    keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+
+    def kept(entry: dict[str, Any]) -> bool:
+        early = entry.get("step", 0) <= upto_step
+        if phase == "dpo":
+            return entry.get("phase") != "dpo" or early
+        return early and not (phase == "sft" and entry.get("phase") == "dpo")
+
+    keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and kept(json.loads(ln))]
     log_path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -107,13 +118,15 @@ def progress_callback(loop: LoopState, log_path: Path, on_step: OnStep | None, o
             logs = dict(logs or {})
             now = _elapsed(loop)
             entry: dict[str, Any] = {"step": state.global_step, "seconds": round(now, 3)}
+            if loop.phase:
+                entry["phase"] = loop.phase
             if "loss" in logs:
                 entry.update(_take_loss(loop, logs, now))
                 if not math.isfinite(entry["loss"]):
                     loop.failed = f"training loss became {entry['loss']} at step {state.global_step}"
                     control.should_training_stop = True
             entry.update({k: v for k, v in logs.items() if k.startswith(("eval_", "rewards/"))})  # DPO: rewards/margins
-            if len(entry) > 2:
+            if len(entry) > 2 + bool(loop.phase):
                 _append_log(log_path, entry)
                 on_event("log", entry)
             if "loss" in logs and on_step is not None:

@@ -1,6 +1,6 @@
 """Training: the recipe `run` and the short translators from the plan's kwargs to the libraries.
 
-Length (~480 lines, over the house's ~400): `run` and its numbered steps read top to bottom in one
+Length (~660 lines, over the house's ~400): `run` and its numbered steps read top to bottom in one
 file, as a torchtune recipe does; rows, the loop's plumbing, evaluation and the learning report are
 already their own modules, and no function here is over ~60 lines.
 
@@ -28,10 +28,12 @@ Signals: while `run` trains, SIGINT / SIGTERM ask it to stop at the next step bo
 checkpoint there and returns status "interrupted" (a second SIGINT aborts at once; one that comes
 within a second is the same Ctrl-C forwarded by a launcher). Under torchrun every rank stops at the
 same step. The previous handlers are restored when `run` returns. `resume_from` (a checkpoint
-folder, or True for the newest in `out_dir/checkpoints/`) restores weights, optimizer, scheduler,
+folder, or True for the newest in `out_dir`: `checkpoints-dpo/` before `checkpoints/`) restores weights, optimizer, scheduler,
 every rank's RNG state (Python, NumPy, torch CPU and device) and step through the Trainer's
 `resume_from_checkpoint`; under several processes rank 0's checkpoint holds every rank's
-`rng_state_<rank>.pth` (`loop.keep_every_rank_rng`). On a CPU the resumed run ends with the same
+`rng_state_<rank>.pth` (`loop.keep_every_rank_rng`). A two-phase run resumed from a DPO checkpoint
+does not train SFT again: the SFT phase's final checkpoint gives the adapter the DPO trainer is
+built on (`_sft_done`). On a CPU the resumed run ends with the same
 adapter tensors as an uninterrupted one, in one process and in two (tested).
 """
 
@@ -52,7 +54,7 @@ from typing import Any, Literal
 from dlm.errors import DlmError
 from dlm.plan.corpus import Example
 from dlm.plan.planner import Plan
-from dlm.store.checkpoints import latest_checkpoint
+from dlm.store.checkpoints import CHECKPOINTS, DPO_CHECKPOINTS, is_dpo_checkpoint, resume_point, sft_final
 from dlm.train.logs import Tracker, logs_dir
 from dlm.train.loop import (
     LoopState,
@@ -233,10 +235,12 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "log.jsonl"
     if resume_from is True:
-        resume_from = latest_checkpoint(out_dir / "checkpoints")
+        resume_from = resume_point(out_dir)
         if resume_from is None:
-            raise DlmError(f"no checkpoint to resume from in {out_dir / 'checkpoints'}", "train without --resume")
-    resume_from = _open_log(log_path, resume_from)
+            raise DlmError(f"no checkpoint to resume from in {out_dir / CHECKPOINTS}", "train without --resume")
+    two = plan.phases == ("sft", "dpo")
+    in_dpo = bool(resume_from) and two and is_dpo_checkpoint(Path(str(resume_from)))
+    resume_from = _open_log(log_path, resume_from, ("dpo" if in_dpo else "sft") if two else None)
     _reset_peak_memory()
     loop = LoopState(checkpoint=str(resume_from) if resume_from else None)
     tracker = Tracker(plan, logs_dir(out_dir))  # report_to's log, written from the same events
@@ -251,6 +255,7 @@ def run(
         phases: list[dict[str, Any]] = []
         trainer, max_length = None, None
         if "sft" in plan.phases:
+            loop.phase = "sft" if dpo else None
             train_rows, held_rows = _make_rows(sft_train, sft_held, tokenizer, emit)  # 2. rows
             args = sft_config(plan, out_dir / "checkpoints", max_steps=max_steps, has_eval=bool(held_rows))  # 3. wrap
             trainer = _trainer(plan, args, model, tokenizer, train_rows, held_rows, [progress, *callbacks], emit)
@@ -260,11 +265,16 @@ def run(
             max_length = args.max_length
             if dpo:
                 emit("phase", {"phase": "sft", "index": 1, "of": len(plan.phases)})
-            _train(trainer, loop, resume_from)  # 4. train
-            phases.append(_phase("sft", trainer.state, loop))
+            if in_dpo:  # 4a. resuming in the DPO phase: the SFT phase's final adapter, not trained again
+                assert resume_from is not None
+                phases.append(_sft_done(model, resume_from.parent.parent, out_dir, loop, emit))
+            else:
+                _train(trainer, loop, resume_from)  # 4. train
+                phases.append(_phase("sft", trainer.state, loop))
         if dpo and not (loop.interrupted or loop.failed):  # 4b. the DPO phase
+            dpo_from = resume_from if (in_dpo or plan.phases == ("dpo",)) else None
             trainer, args = _dpo_phase(
-                plan, model, tokenizer, train_examples, heldout_examples, out_dir, loop, resume_from, max_steps,
+                plan, model, tokenizer, train_examples, heldout_examples, out_dir, loop, dpo_from, max_steps,
                 [progress, *callbacks], emit,
             )  # fmt: skip
             model, max_length = trainer.model, args.max_length
@@ -306,15 +316,16 @@ def _import_stack() -> None:
     from dlm.train.evaluate import eval_loss  # noqa: F401
 
 
-def _open_log(log_path: Path, resume_from: Path | bool | None) -> Path | None:
-    """Resuming: drop the log lines of the steps that will be redone, and return the checkpoint folder.
-    Otherwise: start an empty log, and return None."""
+def _open_log(log_path: Path, resume_from: Path | bool | None, phase: str | None) -> Path | None:
+    """Resuming: drop the log lines of the steps that will be redone (of `phase`, the one the checkpoint
+    is in, in a two-phase run), and return the checkpoint folder. Otherwise: start an empty log, and
+    return None."""
     if not resume_from:
         log_path.write_text("")
         return None
     assert not isinstance(resume_from, bool)  # `--resume` was resolved to a folder by now
     checkpoint = Path(resume_from)
-    trim_log(log_path, json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    trim_log(log_path, json.loads((checkpoint / "trainer_state.json").read_text())["global_step"], phase)
     return checkpoint
 
 
@@ -435,6 +446,41 @@ def _phase(name: str, state: Any, loop: LoopState) -> dict[str, Any]:
     }
 
 
+def _sft_done(model: Any, resumed_run: Path, out_dir: Path, loop: LoopState, emit: OnEvent) -> dict[str, Any]:
+    """4a. Resuming a two-phase run in its DPO phase: the SFT phase is not trained again. Its final
+    checkpoint's adapter goes into the model the SFT trainer just wrapped (the wrapping an uninterrupted
+    run trained in), and its figures come from that checkpoint's trainer_state.json. The checkpoint is
+    carried into this run's `checkpoints/` (hard links where the file system allows), so that a second
+    interruption resumes the same way."""
+    from transformers import TrainerState
+
+    source = sft_final(resumed_run)
+    if source is None:  # `store.resume.check_resume` refuses this before anything is written
+        raise DlmError(
+            f"cannot resume the DPO phase of {resumed_run.name}: no final checkpoint of its SFT phase",
+            "train with --fresh",
+        )
+    own = out_dir / CHECKPOINTS / source.name
+    if source.resolve() != own.resolve():
+        shutil.rmtree(own, ignore_errors=True)
+        shutil.copytree(source, own, copy_function=_link_or_copy)
+    model.load_adapter(str(source), "default", is_trainable=True)
+    model.set_adapter("default")
+    state = TrainerState.load_from_json(str(source / "trainer_state.json"))
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    loop.loss = float(losses[-1]) if losses else None
+    emit("sft_done", {"checkpoint": str(source), "step": state.global_step})
+    return _phase("sft", state, loop)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A checkpoint's files are never rewritten in place: a hard link is as good as a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _dpo_phase(
     plan: Plan,
     model: Any,
@@ -450,7 +496,9 @@ def _dpo_phase(
 ) -> tuple[Any, Any]:
     """4b. DPO on the preference triples: on the base with a new adapter (DPO only: resumable from
     `checkpoints/`, as SFT), or on the SFT phase's adapter (its checkpoints go to `checkpoints-dpo/`,
-    and a resume starts this phase over). Returns (trainer, args) once trained."""
+    resumable from there: the trainer is built on the SFT phase's final adapter, so reference: sft's
+    frozen copy is that adapter, then the checkpoint restores the trained one). `resume_from`: the
+    DPO checkpoint to continue, or None. Returns (trainer, args) once trained."""
     from dlm.train import preference
 
     train = [e for e in train_examples if e.kind == "preference"]
@@ -462,7 +510,7 @@ def _dpo_phase(
         loop.findings.append(mismatch)
         emit("finding", mismatch)
     only = plan.phases == ("dpo",)
-    folder = out_dir / ("checkpoints" if only else "checkpoints-dpo")
+    folder = out_dir / (CHECKPOINTS if only else DPO_CHECKPOINTS)
     args = preference.dpo_config(plan, folder, max_steps=max_steps, has_eval=bool(held_rows))
     trainer = preference.dpo_trainer(plan, args, model, tokenizer, train_rows, held_rows, callbacks)
     keep_every_rank_rng(trainer)
@@ -470,8 +518,9 @@ def _dpo_phase(
         loop.findings.extend(_dora_forward(plan, trainer.model, emit))
     else:
         emit("phase", {"phase": "dpo", "index": 2, "of": 2})
+        loop.phase = "dpo"
     loop.loss = None
-    _train(trainer, loop, resume_from if only else None)
+    _train(trainer, loop, resume_from)
     if "ref" in trainer.model.peft_config:  # reference: sft's frozen copy is not part of the adapter saved
         trainer.model.delete_adapter("ref")
         trainer.model.set_adapter("default")
