@@ -217,3 +217,29 @@ def test_gpu_docs_are_llama_documents_with_no_knobs(tmp_path: Path) -> None:
     doc = parse_doc(docs["smollm2-1.7b", "dora"].read_text(), str(docs["smollm2-1.7b", "dora"]))
     assert doc.frontmatter["training"] == {"adapter": "dora"}
     assert doc.frontmatter["base_model"].endswith("smollm2-1.7b")
+
+
+def test_gpu_dpo_docs_hold_600_triples_and_train_dpo_only(tmp_path: Path) -> None:
+    from bench import gpu
+    from dlm.doc.grammar import parse_doc
+    from dlm.plan.corpus import examples
+
+    docs = gpu.write_dpo_docs(tmp_path / "bases", tmp_path / "docs")
+    assert set(docs) == set(gpu.SIZES)
+    doc = parse_doc(docs["smollm2-135m"].read_text(), str(docs["smollm2-135m"]))
+    assert doc.frontmatter["training"] == {"objective": "dpo"}
+    exs = examples(doc, None)
+    pref = [e for e in exs if e.kind == "preference"]
+    assert len(pref) == 600 and len({e.prompt for e in pref}) == 600
+    assert all(e.completion != e.rejected for e in pref)
+
+
+def test_gpu_table_renders_the_saved_h200_dpo_figures() -> None:
+    import json
+
+    from bench import gpu
+
+    saved = json.loads((Path(__file__).resolve().parent.parent / "bench" / "gpu-h200-dpo.json").read_text())
+    rows = [r for r in gpu.table(saved).splitlines()[2:] if r.startswith("|")]
+    assert len(rows) == 6 and all("| dpo |" in r and "| n/a |" in r for r in rows)  # no MFU: the FLOPs differ
+    assert "| 0.344 (1.04) |" in next(r for r in rows if "| smollm2-135m | lora |" in r)

@@ -398,10 +398,11 @@ def test_the_shipped_preference_config_plans_both_phases_and_builds_its_dpo_conf
     p = prepare(REPO / "configs" / "preference.dlm", load_fixture(HW / "cpu.json"))
     assert p.plan.phases == ("sft", "dpo") and "objective=sft+dpo(beta=0.1, ref=base)" in p.plan.reason
     assert p.corpus.n_preference == 24 and p.corpus.n_preference_heldout == 6
-    assert p.plan.decision("steps") == 3 and p.plan.decision("dpo_steps") == 9  # SFT on the 4 pairs + title
+    # grad_accum 1: SFT on the 4 pairs + the prose, 2 steps an epoch x 3; DPO 24 triples / 4 x 5 epochs
+    assert p.plan.decision("steps") == 6 and p.plan.decision("dpo_steps") == 30
     assert "reference" in p.plan.estimates.memory_breakdown
     cfg = dpo_config(p.plan, tmp_path)
-    assert (cfg.beta, cfg.loss_type, cfg.learning_rate, cfg.save_steps) == (0.1, ["sigmoid"], 1e-4, 3)
+    assert (cfg.beta, cfg.loss_type, cfg.learning_rate, cfg.save_steps) == (0.1, ["sigmoid"], 1e-4, 8)  # ceil(30 / 4)
 
 
 def test_the_preference_line_shows_adapter_and_base_for_each_part() -> None:

@@ -49,8 +49,9 @@ def test_a_short_tutor_run_ends_below_the_base_on_held_out_loss(tmp_path: Path) 
 
 def test_the_preference_example_prefers_the_house_style_more_than_the_base(tmp_path: Path) -> None:
     """configs/preference.dlm (SFT on 4 pairs, then DPO on 24 triples, reference = the base): on its
-    6 pinned held-out triples the adapter prefers the chosen (SI) answer more often than the base does,
-    and its implicit reward margin over the base is positive (docs/preference.md, "Measured figures")."""
+    6 pinned held-out triples the adapter prefers the chosen (SI) answer clearly more often than the base
+    does (at least two triples more), and its implicit reward margin over the base is positive
+    (docs/preference.md, "Measured figures")."""
     smollm2_base()
     (tmp_path / "bases").symlink_to(Path(os.environ.get("DLM_TEST_CACHE") or CONFIGS.parent / ".dlm-home") / "bases")
     env = {**os.environ, "DLM_HOME": str(tmp_path)}
@@ -66,5 +67,5 @@ def test_the_preference_example_prefers_the_house_style_more_than_the_base(tmp_p
         [ln for ln in proc.stdout.splitlines() if "preference" in ln.lower()][-2:],
     )
     assert metrics["pref_n"] == 6
-    assert metrics["pref_accuracy"] > metrics["base_pref_accuracy"], metrics
+    assert metrics["pref_accuracy"] - metrics["base_pref_accuracy"] >= 2 / 6 - 1e-9, metrics
     assert metrics["reward_margin"] > 0, metrics

@@ -1,7 +1,7 @@
 """Estimates: a run's peak memory, its seconds per optimizer step and the memory budget it must fit. Pure.
 
 `MemoryModel` is what peak memory depends on besides the batch shape (the planner sizes the batch
-against it), `step_seconds` prices a step from its FLOPs and the device's rate, and `estimate` fills
+against it), `step_time` prices a step from its FLOPs and the device's rate, and `estimate` fills
 the plan's `Estimates`. The formulas and every constant below are documented, with their sources,
 in docs/estimates.md. No I/O, no clock, no torch.
 """
@@ -59,6 +59,12 @@ CUDA_DORA_LAUNCH = 1.32
 # PEFT's DoRA forward at dropout > 0 launches a second base matmul and a dropout per DoRA layer:
 # assumed +15% launches (not measured on a GPU; the H200 runs were at dropout 0).
 CUDA_PEFT_DORA_SLOW = 1.15
+# A DPO step's launches against an SFT step's (chosen and rejected in one batch, plus the reference
+# forward): measured on an H200 (`bench/gpu.py run --runs dpo:...`, docs/gpu.md "DPO"), 135M and 1.7B:
+# LoRA 1.01 and 0.96, DoRA 1.39 and 1.12, QLoRA 1.79 and 1.43 (QLoRA's reference forward dequantizes
+# every 4-bit weight again). LoRA and QLoRA take the mean of each pair; DoRA's spread is the widest and
+# 1.2 keeps both sizes within 15% (1.25, the mean, over-estimates the 1.7B step by 17%).
+CUDA_DPO_LAUNCH = {"lora": 1.0, "dora": 1.2, "qlora": 1.6}
 STEP_OVERHEAD = {"cpu": 0.05, "cuda": 0.01, "mps": 0.01}  # s per optimizer step
 GPU_MFU = 0.35  # sustained share of the nominal dense peak
 GPU_PEAK = {  # compute capability -> (16-bit tensor-core, fp32) dense FLOP/s of a typical card
@@ -227,12 +233,15 @@ def reference_forward_bytes(base: BaseFacts, precision: str, tokens: int) -> int
     return tokens * (layer * wb + base.vocab_size * (wb + 4))
 
 
-def dpo_step_seconds(sft_step_s: float, base: BaseFacts, ad: AdapterShape) -> float:
-    """A DPO step from an SFT step of the same rows: twice the tokens (chosen and rejected), plus the
-    reference forward, which costs 2 x n_eff FLOPs a token against training's 4 x n_eff + 6 x params."""
+def dpo_step_seconds(sft: StepTime, base: BaseFacts, ad: AdapterShape, adapter: str) -> float:
+    """A DPO step from an SFT step of the same rows. Its FLOPs: twice the tokens (chosen and rejected)
+    plus the reference forward, which costs 2 x n_eff FLOPs a token against training's 4 x n_eff + 6 x
+    params. Its kernel launches (CUDA): chosen and rejected go through the model as one batch, so the
+    policy launches what an SFT step launches; the reference forward adds what `CUDA_DPO_LAUNCH` says."""
     n_eff = base.n_params - (0 if base.tie_embeddings else base.vocab_size * base.hidden_size)
     train = 4 * n_eff + 6 * ad.params
-    return 2 * sft_step_s * (train + 2 * n_eff) / train
+    compute = 2 * sft.compute * (train + 2 * n_eff) / train
+    return max(compute, sft.launch * CUDA_DPO_LAUNCH.get(adapter, 1.0)) + sft.overhead
 
 
 def _flops_rate(hw: HardwareFacts, precision: str) -> float:
@@ -253,7 +262,21 @@ def _flops_rate(hw: HardwareFacts, precision: str) -> float:
     return GPU_MFU * (half if fast else single)
 
 
-def step_seconds(
+@dataclass(frozen=True)
+class StepTime:
+    """An optimizer step's parts: the FLOPs path (compute / rate, with its taxes), the host's kernel
+    launches (CUDA; 0 elsewhere), and the fixed overheads. The step takes max(compute, launch) + overhead."""
+
+    compute: float
+    launch: float
+    overhead: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.compute, self.launch) + self.overhead
+
+
+def step_time(
     hw: HardwareFacts,
     base: BaseFacts,
     spec: Spec,
@@ -263,8 +286,9 @@ def step_seconds(
     accum: int,
     row_tokens: float,
     ckpt: bool,
-) -> float:
-    """Steady seconds per optimizer step: FLOPs over the device's rate, its taxes and fixed overheads."""
+) -> StepTime:
+    """An optimizer step's time: FLOPs over the device's rate with its taxes, the CUDA host's launches,
+    and the fixed overheads."""
     t = spec.training
     tokens = micro * accum * row_tokens  # per device
     n_eff = base.n_params - (0 if base.tie_embeddings else base.vocab_size * base.hidden_size)
@@ -281,12 +305,13 @@ def step_seconds(
         seconds *= CKPT_TAX[hw.device]
     if t.adapter == "qlora":
         seconds *= QLORA_TAX[hw.device]
+    launch = 0.0
     if hw.device == "cuda":  # the host's kernel launches, overlapped with the GPU's work
         launch = accum * base.n_layers * CUDA_LAUNCH_S_PER_LAYER * (CUDA_DORA_LAUNCH if t.adapter == "dora" else 1.0)
         if slow_dora:
             launch *= CUDA_PEFT_DORA_SLOW
-        seconds = max(seconds, launch * (CKPT_TAX["cuda"] if ckpt else 1.0))
-    return seconds + accum * MICRO_OVERHEAD[hw.device] + STEP_OVERHEAD[hw.device]
+        launch *= CKPT_TAX["cuda"] if ckpt else 1.0
+    return StepTime(seconds, launch, accum * MICRO_OVERHEAD[hw.device] + STEP_OVERHEAD[hw.device])
 
 
 def estimate(

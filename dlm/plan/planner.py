@@ -25,11 +25,12 @@ from dlm.plan.dora import decide_forward
 from dlm.plan.estimates import (
     Estimates,
     MemoryModel,
+    StepTime,
     adapter_shape,
     dpo_step_seconds,
     estimate,
     matches_a_layer,
-    step_seconds,
+    step_time,
 )
 from dlm.plan.findings import Derived, Finding, Level, Purpose, collect, reason_line
 from dlm.plan.hardware import HardwareFacts
@@ -124,14 +125,13 @@ def make_plan(
     optim = _decide_optimizer(t, hw, given, decide)
     t = decide_galore_rank(t, decide)  # auto -> a number; recorded for GaLore optimizers
     row_tokens = _decide_packing(t, corpus, seq, batch.micro, given, decide)
-    step_s = step_seconds(
-        hw, base, spec, kind.precision, memory.adapter, batch.micro, batch.accum, row_tokens, batch.ckpt
-    )
+    step = step_time(hw, base, spec, kind.precision, memory.adapter, batch.micro, batch.accum, row_tokens, batch.ckpt)
+    step_s = step.seconds
     sft_rows = corpus.n_train - corpus.n_preference if "dpo" in phases else batch.n_rows  # triples go to DPO
     t, steps = _decide_steps(t, dataclasses.replace(batch, n_rows=max(1, sft_rows)), world, step_s, given, decide)
     estimates = estimate(memory, batch.micro, batch.accum, batch.ckpt, world, steps, step_s, row_tokens)
     if "dpo" in phases:
-        estimates = _dpo_estimates(t, corpus, batch, world, step_s, memory, phases, estimates, decide)
+        estimates = _dpo_estimates(t, corpus, batch, world, step, memory, phases, estimates, decide)
         steps = estimates.optimizer_steps if phases == ("dpo",) else steps
     eval_steps, save_steps = _decide_eval_and_save(t, corpus, steps, step_s, decide)
 
@@ -220,7 +220,7 @@ def _dpo_estimates(
     corpus: CorpusStats,
     b: Batch,
     world: int,
-    sft_step_s: float,
+    sft_step: StepTime,
     memory: MemoryModel,
     phases: tuple[str, ...],
     est: Estimates,
@@ -238,7 +238,7 @@ def _dpo_estimates(
             f"ceil(ceil({corpus.n_preference} triples / ({b.micro} x {world})) / {b.accum}) = {per_epoch} per "
             f"epoch x {p.num_epochs:g} epochs",
         )
-    step_s = dpo_step_seconds(sft_step_s, memory.base, memory.adapter)
+    step_s = dpo_step_seconds(sft_step, memory.base, memory.adapter, t.adapter)
     decide("dpo_step_seconds", round(step_s, 3), "two sequences a row plus the reference forward (no gradient)")
     if phases == ("dpo",):
         return dataclasses.replace(
