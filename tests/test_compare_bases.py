@@ -77,3 +77,36 @@ def test_lora_against_qlora_scores_each_on_its_own_base_with_a_note(lora_and_qlo
     data = c.to_json()
     check_shape(data)
     assert data["sides"]["B"]["scored_on"] == "float32+nf4" and note in data["notes"]
+
+
+@pytest.mark.integration
+def test_loads_that_tokenize_differently_are_refused(workdir: Path, tmp_path: Path) -> None:
+    """Two loads (fp32, bf16) whose adapters bring different tokenizers would score different tokens:
+    RunError, not two losses that do not compare. One load of both: one base, no error."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dlm.errors import RunError
+    from dlm.plan.corpus import Example
+    from dlm.use import infer
+
+    tiny = workdir / "tiny"
+    folders = {}
+    for name, dtype in (("A", "float32"), ("B", "bfloat16")):
+        peft = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(str(tiny)), LoraConfig(r=2, target_modules="all-linear")
+        )
+        peft.save_pretrained(str(tmp_path / name))
+        (tmp_path / name / "plan.json").write_text(json.dumps({"model_kwargs": {"dtype": dtype, "quantization": None}}))
+        folders[name] = tmp_path / name
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    tok.add_tokens(["catalogue number 7."])  # B's saved tokenizer reads its example as fewer tokens
+    tok.save_pretrained(str(folders["B"]))
+    held = [
+        Example("q1", "instruction", "doc.dlm", 1, prompt="What is item 1?", completion="Item 1 is catalogue number 7.")
+    ]
+    with pytest.raises(RunError, match="tokenize the held-out examples differently"):
+        infer.score_adapters(tiny, folders, held, max_length=64)
+    (folders["B"] / "plan.json").write_text(json.dumps({"model_kwargs": {"dtype": "float32", "quantization": None}}))
+    one = infer.score_adapters(tiny, folders, held, max_length=64)
+    assert one["loads"] == {"base": "float32", "A": "float32", "B": "float32"} and one["tokens"] > 0
