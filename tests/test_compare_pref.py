@@ -19,18 +19,23 @@ REWORDED = [(p.rstrip("?"), c, r) for p, c, r in UNITS[:8]]
 BODY = f"::preference::\n{triples(UNITS[:8])}\n::preference heldout::\n{triples(REWORDED)}"
 
 
-def pref_doc(folder: Path, name: str, learning_rate: str) -> Path:
-    training = "  objective: dpo\n" + TINY.format(steps=8) + f"  preference:\n    learning_rate: {learning_rate}\n"
+def pref_doc(folder: Path, name: str, learning_rate: str, steps: int = 8) -> Path:
+    training = (
+        "  objective: dpo\n"
+        + TINY.format(steps=steps)
+        + "  report: 0\n"
+        + f"  preference:\n    learning_rate: {learning_rate}\n"
+    )
     return write(folder, name, training, BODY)
 
 
 @pytest.fixture(scope="module")
 def pref_twins(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """A: DPO at a learning rate too low to move (1e-7); B: the twin at 1e-2, which learns."""
+    """A: 2 DPO steps at a learning rate too low to move (1e-7); B: the twin, 8 steps at 1e-2, which learns."""
     from dlm.train import device, runs
 
     home = tmp_path_factory.mktemp("pref-home")
-    a, b = pref_doc(workdir, "pref-a.dlm", "1.0e-7"), pref_doc(workdir, "pref-b.dlm", "1.0e-2")
+    a, b = pref_doc(workdir, "pref-a.dlm", "1.0e-7", steps=2), pref_doc(workdir, "pref-b.dlm", "1.0e-2")
     for doc in (a, b):
         assert runs.train_document(doc, home, device.probe()).summary.status == "ok"
     return home, a, b
