@@ -318,6 +318,7 @@ SIDE_KEYS = {
     "seed": (int, type(None)),
     "pref_accuracy": (float, type(None)),
     "reward_margin": (float, type(None)),
+    "scored_on": (str, type(None)),
 }
 VERDICT_KEYS = {
     "metric": str,

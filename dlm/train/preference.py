@@ -15,6 +15,8 @@ the preference measurements. docs/preference.md has the policy; `dlm.train.run` 
   where the model gives the chosen answer the higher log-probability (the base's too, so the two
   compare); `reward_margin`: mean implicit reward margin beta x ((c - r) adapter - (c - r) base),
   the base being the implicit reward's zero; `reward_accuracy`: share where that margin is positive.
+  The held-out triples' margins are kept one by one too (metrics.json `pref_per_example`), so
+  `dlm compare --metric pref_accuracy / reward_margin` can resample them.
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ def measure(
     max_length: int | None = None,
 ) -> dict[str, Any]:
     """Preference accuracy and reward margin of the adapter and of the base on `examples` (see the
-    module docstring). Empty examples -> n = 0 and no figures."""
+    module docstring), and `per_example`: the triples' ids and each one's log p(chosen) - log
+    p(rejected) for the adapter and the base, in order. Empty examples -> n = 0 and no figures."""
     import torch
 
     if not examples:
@@ -180,6 +183,12 @@ def measure(
         "reward_margin": sum(margins) / n,
         "logp_margin": sum(c - r for c, r in adapter) / n,
         "base_logp_margin": sum(c - r for c, r in base) / n,
+        # per triple, in order, for compare's paired bootstrap (the store keeps the held-out one)
+        "per_example": {
+            "ids": [e.id for e in examples],
+            "logp_margin": [c - r for c, r in adapter],
+            "base_logp_margin": [c - r for c, r in base],
+        },
     }
 
 

@@ -167,6 +167,8 @@ def train_document(
                     "resumed_from": str(resume_from) if resume_from else None,
                 }
                 body = {k: v for k, v in summary.to_json().items() if k != "log_history"}
+                found, per_triple = split_preference(summary.preference)
+                body["preference"] = found
                 documents = {
                     "spec": spec.model_dump(mode="json"),
                     "plan": plan.to_json(),
@@ -176,7 +178,8 @@ def train_document(
                         "dlm_metrics": 1,
                         **metrics,
                         "learning": summary.learning,
-                        "preference": summary.preference,
+                        "preference": found,
+                        **({"pref_per_example": per_triple} if per_triple else {}),
                     },
                 }
                 try:
@@ -353,9 +356,23 @@ def preference_metrics(found: dict[str, Any] | None, phases: Any = ()) -> dict[s
     out: dict[str, Any] = {}
     for part, prefix in (("heldout", ""), ("train", "train_")):
         for key, value in (found.get(part) or {}).items():
-            out[prefix + ("pref_n" if key == "n" else key)] = value
+            if key != "per_example":  # the held-out one is metrics.json's `pref_per_example`
+                out[prefix + ("pref_n" if key == "n" else key)] = value
     out["phases"] = [{k: v for k, v in p.items() if k != "log"} for p in phases]
     return out
+
+
+def split_preference(found: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """objective dpo: `preference.measure`'s block without its per-triple lists (the version's
+    summary and metrics keep the figures), and the held-out triples' lists alone, for metrics.json's
+    `pref_per_example` (`dlm compare`'s paired bootstrap over triples)."""
+    if not found:
+        return found, None
+    parts = {k: v for k, v in found.items() if k not in ("heldout", "train")}
+    for part in ("heldout", "train"):
+        if isinstance(found.get(part), dict):
+            parts[part] = {k: v for k, v in found[part].items() if k != "per_example"}
+    return parts, (found.get("heldout") or {}).get("per_example")
 
 
 def _prune_checkpoints(store: Store) -> None:

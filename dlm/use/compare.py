@@ -2,10 +2,10 @@
 
 `compare()` checks the two documents are twins, finds each current version in its store (training a
 side that has none or a stale one when asked), has `infer.score_adapters` evaluate the base, A and B
-in one process on A's held-out examples, and reads the versions' stored documents into a
-`verdict.Comparison`. The judgement itself (data types, config diff, verdict rule, JSON) lives in
-`verdict.py`. Nothing here prints or imports torch at import time. docs/compare.md is the
-user-facing account.
+in one process on A's held-out examples (each adapter on the base as it was trained), and reads the
+versions' stored documents into a `verdict.Comparison`. The judgement itself (data types, config
+diff, verdict rule, JSON) lives in `verdict.py`, `--seeds` in `seeds.py`. Nothing here prints or
+imports torch at import time. docs/compare.md is the user-facing account.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dlm.errors import DlmError, RunError
+from dlm.use.seeds import seed_mean, seed_note, seed_summary, seed_versions
 from dlm.use.verdict import Comparison, Side, Verdict, check_options, config_diff, decide, perplexity
 
 if TYPE_CHECKING:
@@ -88,6 +89,21 @@ def preference_scores(folder: Path, *, base: bool = False) -> tuple[float | None
     return (m.get("base_pref_accuracy"), 0.0) if base else (m.get("pref_accuracy"), m.get("reward_margin"))
 
 
+def preference_per_example(folder: Path) -> dict[str, tuple[float, float, float]] | None:
+    """objective dpo: per held-out triple id, (the adapter's log p(chosen) - log p(rejected), the
+    base's, beta) from the version's metrics.json (`pref_per_example`; beta: the measurement's, else
+    the plan's); None for a version without the record (trained before it existed) or an sft one."""
+    m = read_json(folder, "metrics.json")
+    rec = m.get("pref_per_example") or {}
+    ids, mine, base = rec.get("ids") or [], rec.get("logp_margin") or [], rec.get("base_logp_margin") or []
+    beta = (m.get("preference") or {}).get("beta")
+    if beta is None:
+        beta = ((read_json(folder, "plan.json").get("dpo_kwargs")) or {}).get("beta")
+    if not ids or len(ids) != len(mine) or len(ids) != len(base) or beta is None:
+        return None
+    return {i: (float(c), float(b), float(beta)) for i, c, b in zip(ids, mine, base)}
+
+
 def held_out_f1(folder: Path, *, base: bool = False) -> float | None:
     """The version's learning report (metrics.json): held-out answer F1 of the adapter (or the base)."""
     heldout = (read_json(folder, "metrics.json").get("learning") or {}).get("heldout") or {}
@@ -117,11 +133,21 @@ def run_figures(
     index i in each; None when any run lacks them.
 
     eval_loss / delta_kl: each scored example's summed loss / KL (from `infer.score_adapters`);
-    answer_f1 / exact_match: each held-out question every run's learning report answered."""
-    if metric not in ("eval_loss", "delta_kl", "answer_f1", "exact_match"):
-        return None  # pref_accuracy / reward_margin: metrics.json holds no per-example figures yet
+    answer_f1 / exact_match: each held-out question every run's learning report answered;
+    pref_accuracy / reward_margin: each of A's held-out triples (`preference_per_example`), 1 / 0 as
+    the adapter prefers the chosen answer or not, beta x (its log-prob margin - the base's); None
+    unless every run recorded the same triples."""
     every = [*runs_a, *runs_b]
-    if metric in ("eval_loss", "delta_kl"):
+    if metric in ("pref_accuracy", "reward_margin"):
+        records = [preference_per_example(folder) for _, folder in every]
+        ids = list(records[0] or {})  # A's held-out triples, in A's order
+        if not ids or any(r is None or set(r) != set(ids) for r in records):
+            return None  # a version from before the per-triple record, or another held-out set
+        if metric == "pref_accuracy":
+            lists = [[1.0 if r[i][0] > 0 else 0.0 for i in ids] for r in records if r is not None]
+        else:
+            lists = [[r[i][2] * (r[i][0] - r[i][1]) for i in ids] for r in records if r is not None]
+    elif metric in ("eval_loss", "delta_kl"):
         per = (scores.get("per_example") or {}).get("loss_sum" if metric == "eval_loss" else "kl_sum") or {}
         found = [per.get(name) for name, _ in every]
         if any(f is None for f in found) or len({len(f) for f in found if f is not None}) != 1:
@@ -186,10 +212,10 @@ def assemble(
     "B1", ...): each side's row is then the mean over its seeds, and the interval resamples seeds too."""
     runs_a = [("A", folder_a), *((f"A{i}", f) for i, f in enumerate(more_seeds[0], 1))]
     runs_b = [("B", folder_b), *((f"B{i}", f) for i, f in enumerate(more_seeds[1], 1))]
-    a = _seed_mean(
+    a = seed_mean(
         side_from_version("A", path_a, folder_a, {}, stale=stale[0]), [_quality(scores, n, f) for n, f in runs_a]
     )
-    b = _seed_mean(
+    b = seed_mean(
         side_from_version("B", path_b, folder_b, {}, stale=stale[1]), [_quality(scores, n, f) for n, f in runs_b]
     )
     names = ("spec", "plan", "hardware", "summary")
@@ -199,6 +225,11 @@ def assemble(
     )
     if any(d.source == "hardware" for d in diff):
         notes = (*notes, "A and B were trained on different hardware: their cost ratios compare machines, not methods")
+    loads = scores.get("loads") or {}
+    on = {role: "/".join(sorted({str(loads.get(n)) for n, _ in runs})) for role, runs in (("A", runs_a), ("B", runs_b))}
+    if loads and on["A"] != on["B"]:
+        notes = (*notes, load_note(on["A"], on["B"], loads.get("base")))
+    a, b = replace(a, scored_on=on["A"] if loads else None), replace(b, scored_on=on["B"] if loads else None)
     figures = run_figures(metric, scores, runs_a, runs_b)
     verdict = decide(metric, min_gain, a, b, seeds=figures)
     seeds = {
@@ -209,12 +240,15 @@ def assemble(
         notes = (*notes, seed_note(metric, seeds))
     notes = (*notes, *resolution_notes(verdict))
     return Comparison(
-        base_side(
-            base_name,
-            scores["loss"]["base"],
-            held_out_f1(folder_a, base=True),
-            held_out_exact(folder_a, base=True),
-            preference_scores(folder_a, base=True),
+        replace(
+            base_side(
+                base_name,
+                scores["loss"]["base"],
+                held_out_f1(folder_a, base=True),
+                held_out_exact(folder_a, base=True),
+                preference_scores(folder_a, base=True),
+            ),
+            scored_on=loads.get("base"),
         ),
         a,
         b,
@@ -243,55 +277,16 @@ def _quality(scores: Mapping[str, Any], name: str, folder: Path) -> dict[str, fl
     }
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
+def load_note(on_a: str, on_b: str, base: str | None) -> str:
+    """The note for twins trained on different base loads (LoRA in fp32 against QLoRA, say)."""
+
+    def words(load: str) -> str:
+        return f"{load} (the 4-bit weights QLoRA trained on, dequantized)" if "+" in load else load
+
     return (
-        None if not values or any(v is None for v in values) else sum(v for v in values if v is not None) / len(values)
-    )
-
-
-def _seed_mean(side: Side, runs: Sequence[Mapping[str, float | None]]) -> Side:
-    """The side's row: each quality figure averaged over its seeds (one seed: that run's figures)."""
-    loss = _mean([r["eval_loss"] for r in runs])
-    return replace(
-        side,
-        eval_loss=loss,
-        perplexity=perplexity(loss),
-        delta_kl=_mean([r["delta_kl"] for r in runs]),
-        answer_f1=_mean([r["answer_f1"] for r in runs]),
-        exact_match=_mean([r["exact_match"] for r in runs]),
-        pref_accuracy=_mean([r["pref_accuracy"] for r in runs]),
-        reward_margin=_mean([r["reward_margin"] for r in runs]),
-    )
-
-
-def seed_summary(
-    metric: str, runs: Sequence[tuple[str, Path]], quality: Sequence[Mapping[str, float | None]]
-) -> dict[str, Any]:
-    """Per side: each seed's version and value of the metric, their mean and sample standard deviation."""
-    values = [q[metric] for q in quality]
-    mean = _mean(values)
-    sd = None
-    if mean is not None and len(values) > 1:
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values if v is not None) / (len(values) - 1))
-    return {
-        "seeds": [(read_json(f, "spec.json").get("training") or {}).get("seed") for _, f in runs],
-        "versions": [Path(f).name for _, f in runs],
-        "values": values,
-        "mean": mean,
-        "sd": sd,
-    }
-
-
-def seed_note(metric: str, seeds: Mapping[str, Mapping[str, Any]]) -> str:
-    parts = []
-    for role in ("A", "B"):
-        s = seeds[role]
-        spread = f"sd {s['sd']:.4g}" if s["sd"] is not None else "one seed"
-        mean = f"{s['mean']:.4g}" if s["mean"] is not None else "?"
-        parts.append(f"{role} {mean} ({spread}, seeds {', '.join(map(str, s['seeds']))})")
-    return (
-        f"{metric} over seeds: " + "; ".join(parts) + ". The interval resamples seeds as well as examples, "
-        "so it includes the seed-to-seed spread"
+        f"A and B were scored on different bases, each as its adapter was trained: A on {words(on_a)}, "
+        f"B on {words(on_b)}. Each delta_kl is from the side's own base; the base row is the base as A "
+        f"was trained ({base or on_a})"
     )
 
 
@@ -299,6 +294,12 @@ def resolution_notes(v: Verdict) -> tuple[str, ...]:
     """What an inconclusive verdict would need: about how many held-out examples like these."""
     if v.outcome != "inconclusive":
         return ()
+    if v.gain_low is None and v.metric in ("pref_accuracy", "reward_margin"):
+        return (
+            f"no per-example {v.metric} figures to resample, so the gain has no interval (a version trained "
+            "before dlm recorded each held-out triple's margins, or the sides held out different triples: "
+            "retrain to get one)",
+        )
     if v.gain_low is None:
         return (f"no per-example {v.metric} figures to resample, so the gain has no interval",)
     if v.examples_needed is None and v.gain is not None and math.isfinite(v.gain):
@@ -346,7 +347,7 @@ def compare(
     path, why)` may return extra keyword arguments for it (on_plan / on_step / on_event).
 
     `seeds` > 1: each side is judged on `seeds` versions trained with training.seed, seed + 1, ...
-    (its document's seed first), found in its store or, with `train`, trained now (`_seed_versions`).
+    (its document's seed first), found in its store or, with `train`, trained now (`seeds.seed_versions`).
     """
     from dlm.plan.hardware import probe_light
 
@@ -366,7 +367,7 @@ def compare(
     more: tuple[list[Path], list[Path]] = ([], [])
     if seeds > 1:
         for i, (role, p, cur) in enumerate((("A", paths[0], cur_a), ("B", paths[1], cur_b))):
-            extra, trained = _seed_versions(role, p, cur, seeds, home, hw, train=train, on_train=on_train)
+            extra, trained = seed_versions(role, p, cur, seeds, home, hw, train=train, on_train=on_train)
             more[i].extend(extra)
             notes += [f"trained {role} with seed {s}" for s in trained]
     adapters = {"A": cur_a.version_dir, "B": cur_b.version_dir}
@@ -534,63 +535,6 @@ def trained_split(cur: Current) -> tuple[tuple[Example, ...], tuple[Example, ...
     return corpus.legacy_split(ordered, int(seed), float(fraction))
 
 
-def _seed_versions(
-    role: str,
-    path: str,
-    cur: Current,
-    n: int,
-    home: Path,
-    hw: HardwareFacts,
-    *,
-    train: bool,
-    on_train: Callable[[str, str, str], Mapping[str, Any] | None] | None,
-) -> tuple[list[Path], list[int]]:
-    """The versions of seeds seed + 1 .. seed + n - 1 of one side (seed: the current version's), and
-    the seeds trained now. A version counts for a seed when its spec.json has that training.seed and
-    it trained this very document and corpus (summary doc_sha256 and corpus_sha256 equal to the
-    current version's); the newest such wins. Missing seeds are trained with `train` (each a new
-    version of the side's store), after which the current version is switched back, so the store's
-    current adapter stays the one compare was asked about; without `train`, DlmError (exit 2)."""
-    from dlm.store.integrity import verify
-
-    first = int((read_json(cur.version_dir, "spec.json").get("training") or {}).get("seed", 0))
-    wanted = [first + k for k in range(1, n)]
-    key = (cur.summary.get("doc_sha256"), cur.summary.get("corpus_sha256"))
-    found: dict[int, Path] = {}
-    for folder in cur.store.versions():
-        summary = read_json(folder, "summary.json")
-        seed = (read_json(folder, "spec.json").get("training") or {}).get("seed")
-        if seed in wanted and (summary.get("doc_sha256"), summary.get("corpus_sha256")) == key:
-            found[seed] = folder  # versions are oldest first: the newest wins
-    missing = [s for s in wanted if s not in found]
-    if missing and not train:
-        raise DlmError(
-            f"{role} has no version trained with seed{'s' if len(missing) > 1 else ''} "
-            f"{', '.join(map(str, missing))} of this document",
-            f"add --train to train them, or `dlm train {path} --seed {missing[0]}`",
-            path,
-        )
-    if missing:
-        from dlm.train import device, runs
-
-        train_hw = device.probe()
-        for seed in missing:
-            hooks = dict((on_train(role, path, f"seed {seed} of {n}") if on_train else None) or {})
-            outcome = runs.train_document(path, home, train_hw, seed=seed, **hooks)
-            if outcome.version is None:
-                raise RunError(
-                    f"training {role} with seed {seed} stopped before it finished",
-                    f"`dlm train {path} --seed {seed} --resume` continues it; then run dlm compare again",
-                    path,
-                )
-            found[seed] = outcome.store.root / "versions" / outcome.version
-        with outcome.store.lock():
-            outcome.store.switch(cur.version_dir.name)
-    for folder in found.values():
-        verify(folder)
-    return [found[s] for s in wanted], missing
-
-
 def _score(
     cur_a: Current,
     heldout: tuple[Example, ...],
@@ -600,7 +544,8 @@ def _score(
     batch_size: int,
     device: str | None,
 ) -> dict[str, Any]:
-    """`infer.score_adapters` on the base, A and B over A's held-out examples (the only heavy step)."""
+    """`infer.score_adapters` on the base, A and B over A's held-out examples (the only heavy step):
+    each adapter on the base load its version's plan records; A's plan dtype for a version without one."""
     from dlm.train import basefolder
     from dlm.use import infer
 

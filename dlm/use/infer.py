@@ -434,24 +434,36 @@ def score_adapters(
 ) -> dict[str, Any]:
     """Score the base and every adapter on one set of examples, for `dlm compare`.
 
-    The base is loaded once and each adapter is attached to it by name (one PeftModel, switched with
-    `set_adapter`; the base row runs with adapters disabled), so all models see the very same token
-    ids, masks and padding. Positions scored: those whose label is not -100, masked exactly as in
+    Each adapter is scored on the base as it was trained (`trained_load`: the dtype of its version's
+    plan, and for QLoRA the 4-bit weights dequantized, `dequantized_as_trained`); `dtype` stands in
+    for a version that recorded no plan. Adapters trained on one such load share one base load, each
+    attached by name (one PeftModel, switched with `set_adapter`; the base runs with adapters
+    disabled), so they see the very same token ids, masks and padding. Adapters trained on different
+    loads (LoRA in fp32 against QLoRA) are scored group by group, one base load at a time (the
+    previous one freed first), each adapter's KL against its own group's base; the "base" row is the
+    load of the first adapter. Positions scored: those whose label is not -100, masked exactly as in
     training (`encode_rows`): the answer tokens of instruction rows, every token of prose.
 
     Returns {"examples": n, "tokens": scored positions, "loss": {"base": x, name: x, ...},
     "delta_kl": {name: x, ...}, "per_example": {"tokens": [...], "loss_sum": {"base": [...], name: [...]},
-    "kl_sum": {name: [...]}}} where loss is the token-weighted mean cross-entropy (as `eval_loss`)
-    and delta_kl the mean over the same positions of KL(adapted || base) =
-    sum_v p_adapted(v) * (log p_adapted(v) - log p_base(v)), in nats per token. `per_example` has
-    one entry per scored example (rows whose answer is cut away entirely score nothing), in order:
-    its scored tokens and its summed loss and KL, for compare's paired bootstrap.
+    "kl_sum": {name: [...]}}, "loads": {name: "float32" | "float32+nf4" | ..., "base": the first's}}
+    where loss is the token-weighted mean cross-entropy (as `eval_loss`) and delta_kl the mean over
+    the same positions of KL(adapted || base) = sum_v p_adapted(v) * (log p_adapted(v) - log
+    p_base(v)), in nats per token. `per_example` has one entry per scored example (rows whose answer
+    is cut away entirely score nothing), in order: its scored tokens and its summed loss and KL, for
+    compare's paired bootstrap. RunError when two loads tokenize the examples differently.
     """
     examples = list(examples)
     with quiet_progress():
         return _score_adapters(
             Path(base_folder), adapters, examples, max_length, batch_size, trust_remote_code, dtype, device
         )
+
+
+def load_label(dtype: str, quantization: dict[str, Any] | None) -> str:
+    """How a base was loaded, in words for compare: "float32", or "float32+nf4" for QLoRA's
+    4-bit weights dequantized to float32."""
+    return f"{dtype}+{quantization.get('bnb_4bit_quant_type', 'fp4')}" if quantization else dtype
 
 
 def _per_row(values: Any, row_of: Any, n: int) -> list[float]:
@@ -471,15 +483,103 @@ def _score_adapters(
     dtype: str,
     device: str | None,
 ) -> dict[str, Any]:
-    import torch
-    from peft import PeftModel
+    import json
+
+    from dlm.errors import RunError
 
     names = list(adapters)
     if not names or "base" in names:
         raise ValueError(f"adapter names must be given and must not be 'base': {names}")
+    # One group per load the adapters were trained on, in the order of their first adapter (A's first).
+    groups: dict[str, tuple[str, dict[str, Any] | None, list[str]]] = {}
+    for name in names:
+        trained_dtype, quantization = trained_load(adapters[name])
+        load = (dtype if trained_dtype == "auto" else trained_dtype, quantization)
+        groups.setdefault(json.dumps(load, sort_keys=True), (*load, []))[2].append(name)
+    loads = {name: load_label(d, q) for d, q, members in groups.values() for name in members}
+    per_tokens: list[int] | None = None
+    per_nll: dict[str, list[float]] = {}
+    per_kl: dict[str, list[float]] = {}
+    for load_dtype, quantization, members in groups.values():
+        tokens, nll, kl = _score_group(
+            base_folder,
+            {n: adapters[n] for n in members},
+            examples,
+            max_length,
+            batch_size,
+            trust_remote_code,
+            load_dtype,
+            quantization,
+            device,
+        )
+        _free()  # the group's model went with the call: one base in memory at a time
+        if per_tokens is None:
+            per_tokens, per_nll["base"] = tokens, nll["base"]
+        elif tokens != per_tokens:
+            raise RunError(
+                f"{', '.join(members)} ({loads[members[0]]}) and {names[0]} ({loads[names[0]]}) tokenize the "
+                "held-out examples differently, so their losses would not be over the same tokens",
+                "compare twins whose adapters were trained with the same base and tokenizer",
+            )
+        per_nll |= {n: nll[n] for n in members}
+        per_kl |= kl
+    assert per_tokens is not None
+    count = sum(per_tokens)
+    loads = {"base": loads[names[0]], **loads}
+    per_nll = {k: per_nll[k] for k in ("base", *names)}
+    per_kl = {k: per_kl[k] for k in names}
+    if not count:
+        return {
+            "examples": len(examples),
+            "tokens": 0,
+            "loss": dict.fromkeys(per_nll),
+            "delta_kl": dict.fromkeys(per_kl),
+            "loads": loads,
+        }
+    # KL is >= 0; a sum of float terms for identical distributions can land a hair below.
+    return {
+        "examples": len(examples),
+        "tokens": count,
+        "loss": {k: sum(v) / count for k, v in per_nll.items()},
+        "delta_kl": {k: max(0.0, sum(v) / count) for k, v in per_kl.items()},
+        "per_example": {"tokens": per_tokens, "loss_sum": per_nll, "kl_sum": per_kl},
+        "loads": loads,
+    }
+
+
+def _free() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _score_group(
+    base_folder: Path,
+    adapters: dict[str, Path],
+    examples: list[Example],
+    max_length: int | None,
+    batch_size: int,
+    trust_remote_code: bool,
+    dtype: str,
+    quantization: dict[str, Any] | None,
+    device: str | None,
+) -> tuple[list[int], dict[str, list[float]], dict[str, list[float]]]:
+    """One base load (`dtype`, dequantized as trained with `quantization`) with `adapters` attached:
+    per scored example its scored tokens, and the summed loss of the base and of each adapter, and
+    each adapter's summed KL from this base. The model goes with the call (`_free`)."""
+    import torch
+    from peft import PeftModel
+
+    names = list(adapters)
     # An adapter saved with its own tokenizer grew the vocabulary (an added pad): load that one.
     tok_dir = next((Path(d) for d in adapters.values() if (Path(d) / "tokenizer_config.json").is_file()), base_folder)
     base, tokenizer = _load_base(base_folder, tok_dir, trust_remote_code, dtype, device)
+    if quantization:
+        dequantized_as_trained(base, quantization)
     model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(adapters[name]), adapter_name=name)
@@ -487,13 +587,10 @@ def _score_adapters(
     dev = next(model.parameters()).device
     enc = encode_rows(rows(examples, tokenizer), tokenizer, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nll = dict.fromkeys(["base", *names], 0.0)
-    kl = dict.fromkeys(names, 0.0)
-    count = 0
     # Per scored example, for compare's paired bootstrap: its scored tokens, summed loss and KL.
     per_tokens: list[int] = []
-    per_nll: dict[str, list[float]] = {k: [] for k in nll}
-    per_kl: dict[str, list[float]] = {k: [] for k in kl}
+    per_nll: dict[str, list[float]] = {k: [] for k in ("base", *names)}
+    per_kl: dict[str, list[float]] = {k: [] for k in names}
     with torch.no_grad():
         for i in range(0, len(enc), batch_size):
             batch = enc[i : i + batch_size]
@@ -516,27 +613,11 @@ def _score_adapters(
 
             with model.disable_adapter():
                 base_lp = log_probs()
-            base_nll = -base_lp.gather(1, wanted)[:, 0]
-            nll["base"] += float(base_nll.sum())
-            per_nll["base"] += _per_row(base_nll, row_of, len(batch))
+            per_nll["base"] += _per_row(-base_lp.gather(1, wanted)[:, 0], row_of, len(batch))
             for name in names:
                 model.set_adapter(name)
                 lp = log_probs()
-                row_nll = -lp.gather(1, wanted)[:, 0]
-                row_kl = (lp.exp() * (lp - base_lp)).sum(dim=-1)
-                nll[name] += float(row_nll.sum())
-                kl[name] += float(row_kl.sum())
-                per_nll[name] += _per_row(row_nll, row_of, len(batch))
-                per_kl[name] += _per_row(row_kl, row_of, len(batch))
-            count += int(keep.sum())
+                per_nll[name] += _per_row(-lp.gather(1, wanted)[:, 0], row_of, len(batch))
+                per_kl[name] += _per_row((lp.exp() * (lp - base_lp)).sum(dim=-1), row_of, len(batch))
             per_tokens += keep.sum(dim=1).tolist()
-    if not count:
-        return {"examples": len(examples), "tokens": 0, "loss": dict.fromkeys(nll), "delta_kl": dict.fromkeys(kl)}
-    # KL is >= 0; a sum of float terms for identical distributions can land a hair below.
-    return {
-        "examples": len(examples),
-        "tokens": count,
-        "loss": {k: v / count for k, v in nll.items()},
-        "delta_kl": {k: max(0.0, v / count) for k, v in kl.items()},
-        "per_example": {"tokens": per_tokens, "loss_sum": per_nll, "kl_sum": per_kl},
-    }
+    return per_tokens, per_nll, per_kl

@@ -94,6 +94,9 @@ class Side:
     seed: int | None = None  # training.seed of the version (None for the base)
     pref_accuracy: float | None = None  # objective dpo: held-out preference accuracy (metrics.json)
     reward_margin: float | None = None  # objective dpo: held-out mean implicit reward margin; 0 for the base
+    # The base load the row was scored on, as its adapter trained: "float32", "bfloat16+nf4" (QLoRA's
+    # 4-bit weights, dequantized); the base row: A's. None when the scores do not say.
+    scored_on: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = {k: _finite(v) for k, v in asdict(self).items() if k != "log"}
