@@ -147,7 +147,7 @@ def test_two_phase_interrupted_twice_in_dpo_resumes_exactly_without_training_sft
     assert not list((Path(third.store.root) / "runs").glob("*/checkpoints*"))  # pruned after the commit
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # a variant of the test above; `make test-slow` (keeps `make test` short)
 def test_two_phase_interrupted_in_sft_resumes_sft_then_trains_dpo_from_its_start(
     two_phase: tuple[Path, Any], tmp_path: Path
 ) -> None:
@@ -168,7 +168,7 @@ def test_two_phase_interrupted_in_sft_resumes_sft_then_trains_dpo_from_its_start
         assert _losses(log, phase) == _losses(full_log, phase)
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # a variant of the test above; `make test-slow` (keeps `make test` short)
 def test_two_phase_with_reference_base_resumes_in_dpo_from_its_own_folder(workdir: Path, tmp_path: Path) -> None:
     """`train.run(resume_from=True)` in the interrupted run's own folder (nothing to carry), reference:
     base (the `ref` copy is deleted, the DPO checkpoint holds the adapter alone): no SFT step trains
