@@ -1236,3 +1236,16 @@ def test_optimizer_fused_on_cuda_unless_the_spec_names_one() -> None:
     cpu = plan("cpu")
     assert cpu.decision("optimizer") == "adamw_torch" == cpu.sft_kwargs["optim"]
     assert plan("a100-40g", optimizer="galore_adamw").sft_kwargs["optim"] == "galore_adamw"
+
+
+@pytest.mark.parametrize(("max_steps", "warned"), [(9, True), (10, False)])
+def test_few_steps_counts_both_phases_of_a_two_phase_run(max_steps: int, warned: bool) -> None:
+    """SFT then DPO train one adapter: 9 + 9 = 18 updates warn, 10 + 10 = 20 (the threshold) do not,
+    though each phase alone is under it."""
+    stats = dataclasses.replace(corpus(n_train=40, n_heldout=4), n_preference=20, n_preference_heldout=2)
+    p = plan(stats=stats, objective="dpo", max_steps=max_steps)
+    assert p.phases == ("sft", "dpo") and p.decision("steps") == p.decision("dpo_steps") == max_steps
+    found = next((f for f in p.findings if f.code == "few-steps"), None)
+    assert (found is not None) == warned
+    if found:
+        assert found.evidence["optimizer_steps"] == 2 * max_steps and "(SFT 9 + DPO 9)" in found.message

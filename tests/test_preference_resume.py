@@ -108,6 +108,9 @@ def test_two_phase_interrupted_twice_in_dpo_resumes_exactly_without_training_sft
     sft_final = cut1.parent.parent / "checkpoints" / "checkpoint-5"
     assert (sft_final / "trainer_state.json").is_file()  # the SFT phase saves at its last step
     _same_adapter(cut1 / "ref", sft_final)  # the frozen reference in the DPO checkpoint: the SFT adapter
+    with pytest.raises(DlmError) as plain:  # training again without a flag says where it stopped
+        _train(doc, home)
+    assert f"stopped at {cut1.name} of its DPO phase without finishing" in str(plain.value)
 
     # Without the SFT phase's final checkpoint the DPO phase has nothing to continue: refused, exit 2,
     # before anything is written.

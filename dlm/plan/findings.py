@@ -82,6 +82,7 @@ class Derived:
     sequence_len: int = 0  # the decided max_length: longer examples are cut
     galore_rank: int = 0  # the decided GaLore projection rank (auto resolved; plan/optional.py)
     phases: tuple[str, ...] = ("sft",)  # the run's phases: sft, dpo, or both (objective: dpo)
+    dpo_steps: int = 0  # a two-phase run's DPO steps (optimizer_steps are its SFT phase's)
 
 
 Add = Callable[..., None]  # add(level, code, message, hint, tag="", **evidence) records one Finding
@@ -338,14 +339,19 @@ def _run_warnings(spec: Spec, hw: HardwareFacts, base: BaseFacts, corpus: Corpus
             learning_rate=t.learning_rate,
             threshold=LORA_LOW_LR,
         )
-    if d.optimizer_steps < FEW_STEPS:
+    # Every update the adapter gets counts: a two-phase run's DPO steps train the same adapter.
+    two_phase = d.phases == ("sft", "dpo")
+    all_steps = d.optimizer_steps + (d.dpo_steps if two_phase else 0)
+    if all_steps < FEW_STEPS:
         add(
             "warn",
             "few-steps",
-            f"only {d.optimizer_steps} optimizer steps: the adapter will barely move",
+            f"only {all_steps} optimizer steps"
+            + (f" (SFT {d.optimizer_steps} + DPO {d.dpo_steps})" if two_phase else "")
+            + ": the adapter will barely move",
             "raise num_epochs or max_steps, add examples, or lower grad_accum",
-            f"{d.optimizer_steps}<{FEW_STEPS}",
-            optimizer_steps=d.optimizer_steps,
+            f"{all_steps}<{FEW_STEPS}",
+            optimizer_steps=all_steps,
             threshold=FEW_STEPS,
         )
     if spec.trust_remote_code:

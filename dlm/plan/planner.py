@@ -156,6 +156,7 @@ def make_plan(
         sequence_len=seq,
         galore_rank=int(t.galore_rank),  # decided above: never 'auto' here
         phases=phases,
+        dpo_steps=next((d.value for d in decisions if d.key == "dpo_steps"), 0),
     )
     findings = collect(spec, hw, base, corpus, derived)
     runtime = {**_runtime_kwargs(t, hw, kind.dora_fast, world, decide), **decide_report_to(t, decide)}

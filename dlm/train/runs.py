@@ -35,6 +35,7 @@ from typing import Any
 from dlm.errors import DlmError, RunError
 from dlm.plan.hardware import HardwareFacts
 from dlm.plan.prepare import Prepared, prepare
+from dlm.store.checkpoints import is_dpo_checkpoint
 from dlm.store.current import corpus_sha256, doc_sha256
 from dlm.store.opening import open_store
 from dlm.store.resume import check_resume, run_shape
@@ -229,7 +230,9 @@ def _resume_choice(
     if found is not None and not resume and not fresh:
         record, ckpt = found
         raise DlmError(
-            f"run {record['run']} of this document stopped at {ckpt.name} without finishing",
+            f"run {record['run']} of this document stopped at {ckpt.name}"
+            + (" of its DPO phase" if is_dpo_checkpoint(ckpt) else "")
+            + " without finishing",
             "pass --resume to continue it, or --fresh to start over",
             prepared.doc.path,
         )
