@@ -134,6 +134,7 @@ def make_plan(
         estimates = _dpo_estimates(t, corpus, batch, world, step, memory, phases, estimates, decide)
         steps = estimates.optimizer_steps if phases == ("dpo",) else steps
     eval_steps, save_steps = _decide_eval_and_save(t, corpus, steps, step_s, decide)
+    dpo_steps = next((d.value for d in decisions if d.key == "dpo_steps"), 0)  # 0 without a DPO phase
 
     lora = lora_kwargs(t, targets, kind.dora)
     sft = {
@@ -156,17 +157,16 @@ def make_plan(
         sequence_len=seq,
         galore_rank=int(t.galore_rank),  # decided above: never 'auto' here
         phases=phases,
-        dpo_steps=next((d.value for d in decisions if d.key == "dpo_steps"), 0),
+        dpo_steps=dpo_steps,
     )
     findings = collect(spec, hw, base, corpus, derived)
     runtime = {**_runtime_kwargs(t, hw, kind.dora_fast, world, decide), **decide_report_to(t, decide)}
     reason = _reason(t, kind, optim, findings, phases, reference)
     dpo = dpo_kwargs(sft, t.preference) if "dpo" in phases else {}
     if "sft" in phases and dpo:  # the DPO phase's own evaluation and checkpoint cadence, as the SFT phase's
-        n = next(d.value for d in decisions if d.key == "dpo_steps")
         dpo_s = next(d.value for d in decisions if d.key == "dpo_step_seconds")
-        dpo["save_steps"] = t.save_steps or max(1, min(math.ceil(n / 4), math.ceil(600 / dpo_s)))
-        dpo["eval_strategy"], dpo["eval_steps"] = "steps", t.eval_steps or max(1, math.ceil(n / 4))
+        dpo["save_steps"] = t.save_steps or max(1, min(math.ceil(dpo_steps / 4), math.ceil(600 / dpo_s)))
+        dpo["eval_strategy"], dpo["eval_steps"] = "steps", t.eval_steps or max(1, math.ceil(dpo_steps / 4))
     return Plan(
         tuple(decisions),
         lora,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dlm.errors import DlmError, RunError
-from dlm.use.seeds import seed_mean, seed_note, seed_summary, seed_versions
+from dlm.use.seeds import read_json, seed_mean, seed_note, seed_summary, seed_versions
 from dlm.use.verdict import Comparison, Side, Verdict, check_options, config_diff, decide, perplexity
 
 if TYPE_CHECKING:
@@ -31,14 +31,6 @@ if TYPE_CHECKING:
 MAX_SEEDS = 20  # --seeds: each seed is a training run per side
 
 # --- reading stored versions ----------------------------------------------------------------------
-
-
-def read_json(folder: Path, name: str) -> dict[str, Any]:
-    """A version's JSON document, {} when it is absent (older versions); damage was caught by verify."""
-    try:
-        return json.loads((Path(folder) / name).read_text("utf-8"))
-    except FileNotFoundError:
-        return {}
 
 
 def read_log(folder: Path) -> tuple[dict, ...]:

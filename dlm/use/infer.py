@@ -80,9 +80,7 @@ def load_trained(
     if lean:
         lean_runtime()
     with quiet_progress(datasets=False):
-        base, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, dtype, device)
-        if quantization:
-            dequantized_as_trained(base, quantization)
+        base, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, dtype, device, quantization)
         with _without_bitsandbytes(lean):
             from peft import PeftModel
 
@@ -160,9 +158,7 @@ def load_for_answers(
         return Loaded(model, tokenizer, adapter=True, base=base)
     lean_runtime()
     with quiet_progress(datasets=False):
-        model, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, dtype, device)
-        if quantization:
-            dequantized_as_trained(model, quantization)
+        model, tokenizer = _load_base(base_folder, adapter_dir, trust_remote_code, dtype, device, quantization)
     return Loaded(model.eval(), tokenizer, adapter=False, base=True)
 
 
@@ -198,8 +194,15 @@ def _without_bitsandbytes(lean: bool) -> Iterator[None]:
 
 
 def _load_base(
-    base_folder: Path, adapter_dir: Path, trust_remote_code: bool, dtype: str, device: str | None
+    base_folder: Path,
+    adapter_dir: Path,
+    trust_remote_code: bool,
+    dtype: str,
+    device: str | None,
+    quantization: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
+    """(base, tokenizer) in `dtype` on `device`; with `quantization` (a QLoRA version's settings) the
+    weights are the 4-bit values it trained against, dequantized (`dequantized_as_trained`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,6 +216,8 @@ def _load_base(
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer))
     base.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if quantization:
+        dequantized_as_trained(base, quantization)
     return base, tokenizer
 
 
@@ -577,9 +582,7 @@ def _score_group(
     names = list(adapters)
     # An adapter saved with its own tokenizer grew the vocabulary (an added pad): load that one.
     tok_dir = next((Path(d) for d in adapters.values() if (Path(d) / "tokenizer_config.json").is_file()), base_folder)
-    base, tokenizer = _load_base(base_folder, tok_dir, trust_remote_code, dtype, device)
-    if quantization:
-        dequantized_as_trained(base, quantization)
+    base, tokenizer = _load_base(base_folder, tok_dir, trust_remote_code, dtype, device, quantization)
     model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(adapters[name]), adapter_name=name)

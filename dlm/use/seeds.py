@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from dlm.store.current import Current
 
 
-def _read(folder: Path, name: str) -> dict[str, Any]:
-    """A version's JSON document, {} when it is absent (as compare's `read_json`)."""
+def read_json(folder: Path, name: str) -> dict[str, Any]:
+    """A version's JSON document, {} when it is absent (older versions); damage was caught by verify.
+    compare reads versions with it too (it lives here, the lower of the two modules)."""
     try:
         return json.loads((Path(folder) / name).read_text("utf-8"))
     except FileNotFoundError:
@@ -58,7 +59,7 @@ def seed_summary(
     if mean is not None and len(values) > 1:
         sd = math.sqrt(sum((v - mean) ** 2 for v in values if v is not None) / (len(values) - 1))
     return {
-        "seeds": [(_read(f, "spec.json").get("training") or {}).get("seed") for _, f in runs],
+        "seeds": [(read_json(f, "spec.json").get("training") or {}).get("seed") for _, f in runs],
         "versions": [Path(f).name for _, f in runs],
         "values": values,
         "mean": mean,
@@ -98,13 +99,13 @@ def seed_versions(
     current adapter stays the one compare was asked about; without `train`, DlmError (exit 2)."""
     from dlm.store.integrity import verify
 
-    first = int((_read(cur.version_dir, "spec.json").get("training") or {}).get("seed", 0))
+    first = int((read_json(cur.version_dir, "spec.json").get("training") or {}).get("seed", 0))
     wanted = [first + k for k in range(1, n)]
     key = (cur.summary.get("doc_sha256"), cur.summary.get("corpus_sha256"))
     found: dict[int, Path] = {}
     for folder in cur.store.versions():
-        summary = _read(folder, "summary.json")
-        seed = (_read(folder, "spec.json").get("training") or {}).get("seed")
+        summary = read_json(folder, "summary.json")
+        seed = (read_json(folder, "spec.json").get("training") or {}).get("seed")
         if seed in wanted and (summary.get("doc_sha256"), summary.get("corpus_sha256")) == key:
             found[seed] = folder  # versions are oldest first: the newest wins
     missing = [s for s in wanted if s not in found]
